@@ -1,0 +1,3 @@
+from qlaunch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""What each (arch, machine) pair needs and allows.
+
+One record per board: the QEMU binary, the CPU, RAM and CPU-count limits, the console, the DTB,
+the storage and NIC wiring, and how its poweroff behaves. Validation and argv building both read
+these records, so a limit is written down once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ARCHES = ("x86_64", "aarch64", "arm")
+
+QEMU_BINARY = {
+    "x86_64": "qemu-system-x86_64",
+    "aarch64": "qemu-system-aarch64",
+    "arm": "qemu-system-arm",
+}
+
+# The package that ships each binary, for hints.
+QEMU_PACKAGE = {
+    "x86_64": "qemu-system-x86",
+    "aarch64": "qemu-system-arm",
+    "arm": "qemu-system-arm",
+}
+
+
+@dataclass(frozen=True)
+class Board:
+    machine: str
+    arch: str
+    description: str
+    cpu: str | None  # None: QEMU's default for the machine
+    console: str  # the guest's console= device
+    machine_opts: tuple[str, ...] = ()
+    smp_fixed: int | None = None
+    smp_max: int | None = None
+    memory_fixed_mib: int | None = None
+    memory_max_mib: int | None = None
+    memory_default_mib: int = 512
+    dtb: str | None = None  # path inside the asset set's dtbs/
+    storage: tuple[str, ...] = ("virtio",)  # allowed [[disk]] interfaces, first is the default
+    virtio: str = "pci"  # virtio transport: pci, mmio or "" (none)
+    nic_model: str | None = "virtio-net-pci"  # None: the board has no NIC
+    acpi: bool = True  # system_powerdown reaches the guest
+    halts_on_poweroff: bool = False  # poweroff halts the CPU instead of ending QEMU
+    extra_serials: int = 0  # serial ports after the console one, wired to null
+    append: tuple[str, ...] = ()  # kernel arguments the board needs
+    sd_pow2: bool = False  # SD card images must be a power of two in size
+    tags: tuple[str, ...] = field(default=())
+
+
+def _register(*boards: Board) -> dict[tuple[str, str], Board]:
+    return {(b.arch, b.machine): b for b in boards}
+
+
+BOARDS = _register(
+    Board(
+        machine="q35",
+        arch="x86_64",
+        description="PC with PCIe (Q35): virtio everywhere, ACPI",
+        cpu=None,
+        console="ttyS0",
+        memory_default_mib=256,
+        storage=("virtio", "scsi", "ide"),
+    ),
+    Board(
+        machine="pc",
+        arch="x86_64",
+        description="legacy PC (i440FX)",
+        cpu=None,
+        console="ttyS0",
+        memory_default_mib=256,
+        storage=("virtio", "scsi", "ide"),
+    ),
+    Board(
+        machine="microvm",
+        arch="x86_64",
+        description="minimal x86 VM: virtio-mmio, no PCI, fastest boot",
+        cpu=None,
+        console="ttyS0",
+        memory_default_mib=256,
+        virtio="mmio",
+        nic_model="virtio-net-device",
+        machine_opts=("acpi=on",),
+        append=("reboot=t",),
+    ),
+    Board(
+        machine="virt",
+        arch="aarch64",
+        description="generic ARM64 VM: virtio-pci, generated DTB",
+        cpu="cortex-a57",
+        console="ttyAMA0",
+        storage=("virtio", "scsi"),
+        acpi=False,
+    ),
+    Board(
+        machine="virt",
+        arch="arm",
+        description="generic 32-bit ARM VM: virtio-pci, generated DTB",
+        cpu="cortex-a15",
+        console="ttyAMA0",
+        machine_opts=("highmem=off",),
+        memory_max_mib=3072,
+        storage=("virtio", "scsi"),
+        acpi=False,
+    ),
+    Board(
+        machine="vexpress-a9",
+        arch="arm",
+        description="ARM Versatile Express Cortex-A9: SD card, LAN9118",
+        cpu="cortex-a9",
+        console="ttyAMA0",
+        smp_max=4,
+        memory_max_mib=1024,
+        dtb="vexpress-v2p-ca9.dtb",
+        storage=("sd",),
+        virtio="",
+        nic_model="lan9118",
+        acpi=False,
+        sd_pow2=True,
+    ),
+    Board(
+        machine="vexpress-a15",
+        arch="arm",
+        description="ARM Versatile Express Cortex-A15: SD card, LAN9118",
+        cpu="cortex-a15",
+        console="ttyAMA0",
+        smp_max=4,
+        memory_max_mib=30 * 1024,
+        dtb="vexpress-v2p-ca15-tc1.dtb",
+        storage=("sd",),
+        virtio="",
+        nic_model="lan9118",
+        acpi=False,
+        sd_pow2=True,
+    ),
+    Board(
+        machine="raspi3b",
+        arch="aarch64",
+        description="Raspberry Pi 3 Model B: 4x Cortex-A53, 1 GiB, SD card, no NIC",
+        cpu=None,
+        console="ttyAMA0",
+        smp_fixed=4,
+        memory_fixed_mib=1024,
+        memory_default_mib=1024,
+        dtb="broadcom/bcm2837-rpi-3-b.dtb",
+        storage=("sd",),
+        virtio="",
+        nic_model=None,
+        acpi=False,
+        halts_on_poweroff=True,
+        extra_serials=1,
+        sd_pow2=True,
+    ),
+    Board(
+        machine="raspi2b",
+        arch="arm",
+        description="Raspberry Pi 2 Model B: 4x Cortex-A7, 1 GiB, SD card, no NIC",
+        cpu=None,
+        console="ttyAMA0",
+        smp_fixed=4,
+        memory_fixed_mib=1024,
+        memory_default_mib=1024,
+        dtb="bcm2836-rpi-2-b.dtb",
+        storage=("sd",),
+        virtio="",
+        nic_model=None,
+        acpi=False,
+        halts_on_poweroff=True,
+        extra_serials=1,
+        sd_pow2=True,
+    ),
+)
+
+DEFAULT_MACHINE = {"x86_64": "q35", "aarch64": "virt", "arm": "virt"}
+
+
+def board_for(arch: str, machine: str) -> Board | None:
+    return BOARDS.get((arch, machine))
+
+
+def machines_for(arch: str) -> list[str]:
+    return [m for (a, m) in BOARDS if a == arch]

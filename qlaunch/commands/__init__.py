@@ -1,0 +1,1 @@
+"""CLI subcommands, one module per area; cli.COMMAND_MODULES lists them."""

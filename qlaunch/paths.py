@@ -1,0 +1,42 @@
+"""Where qlaunch keeps things. Every directory is computed here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+def cache_dir() -> Path:
+    """Downloaded guest assets and built initramfs images ($QLAUNCH_CACHE overrides)."""
+    env = os.environ.get("QLAUNCH_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "qlaunch"
+
+
+def config_dir() -> Path:
+    """User profiles and network definitions ($QLAUNCH_CONFIG overrides)."""
+    env = os.environ.get("QLAUNCH_CONFIG")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "qlaunch"
+
+
+def state_dir() -> Path:
+    """Per-VM runtime state: /run/qlaunch as root, $XDG_RUNTIME_DIR/qlaunch otherwise."""
+    env = os.environ.get("QLAUNCH_STATE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/qlaunch")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return (Path(xdg) if xdg else Path("/tmp") / f"qlaunch-{os.getuid()}") / "qlaunch"
+
+
+def profile_dirs() -> list[Path]:
+    """Profile search order: the repo's profiles/, then the user's config directory."""
+    return [REPO_PROFILES, config_dir() / "profiles"]

@@ -1,0 +1,216 @@
+"""The one table of profile settings: type, default, choices and help for every key.
+
+Parsing, validation, `--set`, and the README's profile reference all read this table, so a key
+is described in exactly one place.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size_bytes(value: str | int, default_unit: str = "") -> int:
+    """Parse "512M", "2G", "1.5G" (binary units). Raises ValueError with a readable reason."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 512M or 2G")
+    if isinstance(value, int):
+        return value * _UNITS[default_unit.upper()]
+    m = SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a size (use a number with a unit, like 512M or 2G)")
+    number, unit = m.groups()
+    unit = unit.upper() or default_unit.upper()
+    return int(float(number) * _UNITS[unit])
+
+
+def _memory_mib(value: Any) -> int:
+    n = size_bytes(value, "M")
+    if n < 16 << 20:
+        raise ValueError(f"{value!r} is too little memory (at least 16M)")
+    return n // (1 << 20)
+
+
+def _positive(value: Any) -> int:
+    if value < 1:
+        raise ValueError(f"{value} must be 1 or more")
+    return int(value)
+
+
+def _forward(value: Any) -> tuple[str, ...]:
+    out = []
+    for rule in value:
+        if not re.fullmatch(r"(tcp|udp):[0-9.]*:\d{1,5}-[0-9.]*:\d{1,5}", rule):
+            raise ValueError(f"{rule!r} is not a forward rule (like tcp:127.0.0.1:2222-:22)")
+        out.append(rule)
+    return tuple(out)
+
+
+def _mac(value: Any) -> str:
+    if not re.fullmatch(r"(?i)[0-9a-f]{2}(:[0-9a-f]{2}){5}", value):
+        raise ValueError(f"{value!r} is not a MAC address (like 52:54:00:12:34:56)")
+    if int(value[:2], 16) & 1:
+        raise ValueError(f"{value!r} is a multicast MAC address")
+    return str(value).lower()
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str  # "machine", or "disk"/"net" for array tables
+    key: str
+    type: builtins.type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    convert: Callable[[Any], Any] | None = None
+    item_type: builtins.type | None = None  # for lists
+
+    @property
+    def type_name(self) -> str:
+        if self.type is list:
+            return f"list of {self.item_type.__name__ if self.item_type else 'str'}"
+        return {str: "string", int: "integer", bool: "boolean"}.get(self.type, self.type.__name__)
+
+
+# Array tables: one profile may have several [[disk]] and [[net]] entries.
+ARRAY_SECTIONS = ("disk", "net")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("machine", "arch", str, "x86_64", "guest architecture", ("x86_64", "aarch64", "arm")),
+    Setting("machine", "machine", str, None, "QEMU machine (board); default per arch: q35, virt"),
+    Setting("machine", "cpu", str, None, "CPU model; default per board, `host` under KVM"),
+    Setting("machine", "smp", int, 1, "number of virtual CPUs", convert=_positive),
+    Setting(
+        "machine",
+        "memory",
+        str,
+        None,
+        "RAM, like 512M or 2G; default per board",
+        convert=_memory_mib,
+    ),
+    Setting(
+        "machine",
+        "accel",
+        str,
+        "auto",
+        "accelerator: auto picks KVM only where it works",
+        ("auto", "kvm", "tcg"),
+    ),
+    Setting(
+        "boot",
+        "kernel",
+        str,
+        None,
+        "kernel image: a path, or asset:SET/kernel from `qlaunch assets fetch`",
+    ),
+    Setting(
+        "boot",
+        "initrd",
+        str,
+        None,
+        "initrd path, or `qlaunch` for qlaunch's busybox initramfs (runs `-- CMD`)",
+    ),
+    Setting("boot", "append", str, "", "extra kernel command line (after console= and panic=)"),
+    Setting("boot", "dtb", str, None, "device tree blob: a path, or asset:SET/dtbs/NAME.dtb"),
+    Setting(
+        "boot", "modules", list, [], "extra kernel modules for the qlaunch initramfs", item_type=str
+    ),
+    Setting("boot", "quiet", bool, True, "pass `quiet` to the kernel"),
+    Setting("console", "tty", str, None, "the guest's console device; default per board"),
+    Setting(
+        "display", "type", str, "none", "none: serial only; vnc: a VNC server", ("none", "vnc")
+    ),
+    Setting("display", "vnc", str, "127.0.0.1:0", "VNC listen address (display number)"),
+    Setting(
+        "qemu", "extra", list, [], "raw QEMU arguments appended last (escape hatch)", item_type=str
+    ),
+    Setting("qemu", "binary", str, None, "QEMU binary to use instead of qemu-system-ARCH"),
+    Setting("disk", "path", str, None, "image file (required)"),
+    Setting(
+        "disk",
+        "format",
+        str,
+        None,
+        "image format; default from the file name (qcow2 or raw)",
+        ("qcow2", "raw", "vdi", "vmdk"),
+    ),
+    Setting(
+        "disk",
+        "interface",
+        str,
+        None,
+        "bus: default per board (virtio, or sd on boards)",
+        ("virtio", "sd", "ide", "scsi"),
+    ),
+    Setting("disk", "media", str, "disk", "disk or cdrom", ("disk", "cdrom")),
+    Setting("disk", "readonly", bool, False, "attach read-only"),
+    Setting(
+        "disk",
+        "cache",
+        str,
+        "writeback",
+        "host cache mode",
+        ("writeback", "none", "writethrough", "directsync", "unsafe"),
+    ),
+    Setting("disk", "snapshot", bool, False, "writes go to a throwaway overlay, dropped at exit"),
+    Setting(
+        "net",
+        "mode",
+        str,
+        "user",
+        "user (NAT by QEMU), none, network (a qlaunch network)",
+        ("user", "none", "network", "bridge"),
+    ),
+    Setting(
+        "net",
+        "forward",
+        list,
+        [],
+        "user mode host forwards, like tcp:127.0.0.1:2222-:22",
+        item_type=str,
+        convert=_forward,
+    ),
+    Setting("net", "model", str, None, "NIC model; default per board (virtio-net-pci)"),
+    Setting(
+        "net",
+        "mac",
+        str,
+        None,
+        "MAC address; default stable per VM and NIC (52:54:00:...)",
+        convert=_mac,
+    ),
+    Setting("net", "network", str, None, "qlaunch network name, for mode = network"),
+    Setting("net", "bridge", str, None, "existing host bridge, for mode = bridge"),
+    Setting("net", "ip", str, None, "static DHCP lease on a qlaunch network"),
+    Setting("net", "smb", str, None, "user mode: share this host directory over SMB"),
+)
+
+SECTIONS: dict[str, dict[str, Setting]] = {}
+for _s in SETTINGS:
+    SECTIONS.setdefault(_s.section, {})[_s.key] = _s
+
+
+def reference_markdown() -> str:
+    """The README's profile reference, generated so it cannot drift from the table."""
+    lines = []
+    for section, keys in SECTIONS.items():
+        header = f"[[{section}]]" if section in ARRAY_SECTIONS else f"[{section}]"
+        lines.append(f"#### `{header}`\n")
+        lines.append("| key | type | default | meaning |")
+        lines.append("|---|---|---|---|")
+        for s in keys.values():
+            default = "" if s.default in (None, [], "") else f"`{s.default!r}`".replace("'", '"')
+            if s.default is True or s.default is False:
+                default = f"`{str(s.default).lower()}`"
+            meaning = s.help
+            if s.choices:
+                meaning += " (" + ", ".join(f"`{c}`" for c in s.choices) + ")"
+            lines.append(f"| `{s.key}` | {s.type_name} | {default} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

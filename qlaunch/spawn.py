@@ -1,0 +1,48 @@
+"""The one way a child process starts, is logged, and is reaped. Never through a shell."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Sequence
+from typing import IO, Any
+
+log = logging.getLogger("qlaunch.spawn")
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | IO[Any] | None = None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+    pass_fds: Sequence[int] = (),
+    new_session: bool = False,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> subprocess.Popen[bytes]:
+    log.debug("spawn: %s", shlex.join(argv))
+    return subprocess.Popen(
+        list(argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        pass_fds=tuple(pass_fds),
+        start_new_session=new_session,
+        env=env,
+        cwd=cwd,
+        close_fds=True,
+    )
+
+
+def stop_child(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
+    """Graceful before forceful: SIGTERM, wait, SIGKILL. Returns the reaped exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            log.debug("pid %d ignored SIGTERM for %.0fs; SIGKILL", proc.pid, grace)
+            proc.kill()
+    return proc.wait()
