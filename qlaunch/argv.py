@@ -163,9 +163,11 @@ def _disks(profile: Profile, rt: Runtime) -> list[str]:
         argv += ["-drive", f"{drive},if=none,id=disk{i}"]
         dev = f"drive=disk{i},id=disk{i}-dev"
         cdrom = d.media == "cdrom"
-        if cdrom and profile.machine.arch == "x86_64" and board.virtio == "pci":
+        if cdrom and d.interface == "ide":
             argv += ["-device", f"ide-cd,{dev}"]
         elif cdrom or d.interface == "scsi":
+            # A CD-ROM goes on virtio-scsi unless IDE is asked for: Debian's cloud kernel has
+            # no AHCI driver, so an IDE CD-ROM on q35 would be invisible to it.
             if not have_scsi:
                 argv += ["-device", _virtio(board.virtio or "pci", "virtio-scsi") + ",id=scsi0"]
                 have_scsi = True

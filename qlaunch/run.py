@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from qlaunch import argv as argvmod
-from qlaunch import resolve
+from qlaunch import disks, resolve
 from qlaunch.errors import QemuError, QlaunchError
 from qlaunch.host import HostFacts
 from qlaunch.profile import Profile
@@ -65,7 +65,9 @@ class ConsoleFilter:
                 if before.strip():
                     out.append(before + b"\n")
                 continue
-            out.append(piece)
+            if self.status is None:
+                out.append(piece)
+            # After the command's status only shutdown chatter follows; keep it for the tail.
             self._track(piece, complete=True)
         if out:
             self.write(b"".join(out))
@@ -99,27 +101,26 @@ def run(
     cmd: list[str] | None = None,
     *,
     out: BinaryIO | None = None,
-    interactive: bool | None = None,
     note: Callable[[str], None] | None = None,
 ) -> RunResult:
     out = out or sys.stdout.buffer
-    if interactive is None:
-        interactive = not cmd and sys.stdin.isatty()
     _, accel_note = argvmod.choose_accel(profile, host)
     if accel_note and note:
         note(accel_note)
     with tempfile.TemporaryDirectory(prefix="qlaunch-run-") as tmp:
         files = resolve.boot_files(profile, cmd, Path(tmp))
         rt = argvmod.Runtime(
-            name=profile.name, kernel=files.kernel, initrd=files.initrd, dtb=files.dtb
+            name=profile.name,
+            kernel=files.kernel,
+            initrd=files.initrd,
+            dtb=files.dtb,
+            disk_paths=disks.prepare_disks(profile, Path(tmp), note=note),
         )
         argv = argvmod.build_argv(profile, host, rt)
-        return _drive(profile, argv, out, interactive, bool(cmd))
+        return _drive(profile, argv, out, bool(cmd))
 
 
-def _drive(
-    profile: Profile, argv: list[str], out: BinaryIO, interactive: bool, has_cmd: bool
-) -> RunResult:
+def _drive(profile: Profile, argv: list[str], out: BinaryIO, has_cmd: bool) -> RunResult:
     def write(b: bytes) -> None:
         out.write(b)
         out.flush()
@@ -128,7 +129,8 @@ def _drive(
     try:
         proc = spawn(
             argv,
-            stdin=None if interactive else subprocess.DEVNULL,
+            # Without a command the console is the user's: their terminal or a pipe feeds it.
+            stdin=subprocess.DEVNULL if has_cmd else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
