@@ -22,6 +22,10 @@ from qlaunch.errors import QlaunchError
 COMMAND_MODULES = [
     "qlaunch.commands.core",
     "qlaunch.commands.assets",
+    "qlaunch.commands.net",
+    "qlaunch.commands.image",
+    "qlaunch.commands.vm",
+    "qlaunch.commands.exec",
 ]
 
 EXAMPLES = """\

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from qlaunch.errors import HostError, QemuError, UsageError
+from qlaunch.errors import HostError, QemuError, StateError, UsageError
+from qlaunch.holders import ImageInUse, describe, locked_path
 from qlaunch.spawn import spawn, stop_child
 
 FORMATS = ("qcow2", "raw", "vdi", "vmdk")
@@ -34,8 +35,6 @@ _IMAGE_MODE = 0o644  # what qemu-img gives the files it creates itself (before t
 _UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:(?<=[KMGTPE])I?B|B)?", re.IGNORECASE)
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-_LOCK_RE = re.compile(r'Failed to get (?:shared )?"(?:write|consistent read)" lock')
-_LOCKED_PATH_RE = re.compile(r"Is another process using the image \[(.*)\]\?")
 
 
 def parse_size(s: str) -> int:
@@ -201,15 +200,15 @@ def _check_format(fmt: str) -> None:
         raise UsageError(f"unknown image format {fmt!r}", hint=f"one of: {', '.join(FORMATS)}")
 
 
-def _error(subcommand: str, stderr: str, path: str | None = None) -> QemuError:
-    """qemu-img's own words, with the lock failure turned into what it means."""
+def _error(subcommand: str, stderr: str, path: str | None = None) -> QemuError | StateError:
+    """qemu-img's own words, with the lock failure turned into what it means and who holds it."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    if _LOCK_RE.search(stderr):
-        m = _LOCKED_PATH_RE.search(stderr)
-        locked = m.group(1) if m else (path or "the image")
-        return QemuError(
-            f"{locked} is in use by a running VM (qemu-img could not get its lock)",
-            hint="stop the VM first; `qlaunch image info` still works on images in use",
+    locked = locked_path(stderr)
+    if locked is not None:
+        locked = locked or path or "the image"
+        return ImageInUse(
+            f"{locked} is in use by {describe(locked)} (qemu-img could not get its lock)",
+            hint="stop it first; `qlaunch image info` still works on images in use",
         )
     # error_report() lines start with "qemu-img: "; later lines are appended hints.
     reports = [ln for ln in lines if ln.startswith("qemu-img: ")]
@@ -327,13 +326,11 @@ def _refuse_written(base: str, fmt: str) -> None:
     """
     try:
         _run(["info", "--output=json", "-f", fmt, base], path=base)
-    except QemuError as e:
-        if "in use by a running VM" not in e.message:
-            raise
-        raise QemuError(
-            f"{base} is in use by a running VM, which may still write to it; "
+    except ImageInUse as e:
+        raise ImageInUse(
+            f"{base} is in use by {describe(base)}, which may still write to it; "
             "an overlay on it would go inconsistent",
-            hint="stop the VM first, or make the overlay on a copy (qlaunch image convert)",
+            hint="stop it first: an overlay needs a base that nobody writes",
         ) from e
 
 

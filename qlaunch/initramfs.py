@@ -13,7 +13,9 @@ import lzma
 import os
 import shlex
 import stat
+import struct
 import tempfile
+import typing
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -183,14 +185,8 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _index(modules_dir: Path) -> _ModIndex:
-    dep_file = modules_dir / "modules.dep"
-    if not dep_file.is_file():
-        raise AssetError(
-            f"{dep_file} is missing",
-            hint="fetch the asset set again, or run depmod on that tree",
-        )
     idx = _ModIndex()
-    for line in _read_lines(dep_file):
+    for line in _read_lines(dep_file(modules_dir)):
         mod, sep, rest = line.partition(":")
         if not sep:
             continue
@@ -215,6 +211,131 @@ def _index(modules_dir: Path) -> _ModIndex:
             if pre:
                 idx.softpre[_modname(parts[1])] = pre
     return idx
+
+
+_MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz")
+
+
+def dep_file(modules_dir: Path) -> Path:
+    """The tree's modules.dep, or one made from the modules' .modinfo when the tree has none.
+
+    Debian kernel packages ship no modules.dep (their install script runs depmod); rather than
+    write into a user's tree, the index is made here and kept in the cache, keyed by the tree.
+    """
+    real = modules_dir / "modules.dep"
+    if real.is_file():
+        return real
+    if not (modules_dir / "kernel").is_dir() and not any(modules_dir.glob("*.ko*")):
+        raise AssetError(
+            f"{modules_dir} holds no kernel modules (no modules.dep, no kernel/ directory)",
+            hint="give lib/modules/VERSION of a `make modules_install` tree or an unpacked "
+            "linux-image package",
+        )
+    h = hashlib.sha256(_identity(modules_dir.resolve()))
+    for name in ("kernel", "modules.order", "modules.builtin"):
+        if (modules_dir / name).exists():
+            h.update(_identity(modules_dir / name))
+    out = cache_dir() / "modules-dep" / f"{h.hexdigest()[:24]}.dep"
+    if not out.is_file():
+        lines = []
+        for path in sorted(modules_dir.rglob("*.ko*")):
+            if not path.name.endswith(_MODULE_SUFFIXES) or not path.is_file():
+                continue
+            lines.append((path.relative_to(modules_dir).as_posix(), modinfo(path)))
+        by_name = {_modname(rel): rel for rel, _ in lines}
+        infos = {_modname(rel): info for rel, info in lines}
+        text = []
+        for rel, _ in lines:
+            closure = _closure(_modname(rel), infos)
+            text.append(f"{rel}: " + " ".join(by_name[d] for d in closure if d in by_name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, ("\n".join(t.rstrip() for t in text) + "\n").encode())
+    return out
+
+
+def _closure(name: str, infos: dict[str, dict[str, str]]) -> list[str]:
+    """Every module name the module depends on, directly or not, nearest first (as depmod)."""
+    seen: list[str] = []
+    todo = [name]
+    while todo:
+        cur = todo.pop(0)
+        for dep in infos.get(cur, {}).get("depends", "").split(","):
+            dep = dep.strip().replace("-", "_")
+            if dep and dep != name and dep not in seen:
+                seen.append(dep)
+                todo.append(dep)
+    return seen
+
+
+def modinfo(path: Path) -> dict[str, str]:
+    """A module's .modinfo strings (depends, name, alias...; the last value of each key wins)."""
+    if path.name.endswith((".ko.xz", ".ko.gz")):
+        try:
+            return _parse_modinfo(_elf_section(_module_bytes(path)[1], ".modinfo"))
+        except (struct.error, lzma.LZMAError, OSError, EOFError):
+            return {}
+    with open(path, "rb") as f:
+        try:
+            return _parse_modinfo(_elf_section_from_file(f, ".modinfo"))
+        except struct.error:
+            # Truncated or not ELF: a module without dependencies as far as the index goes; a
+            # broken file still shows as insmod's error at boot.
+            return {}
+
+
+def _parse_modinfo(blob: bytes) -> dict[str, str]:
+    info: dict[str, str] = {}
+    for item in blob.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            info[key.decode(errors="replace")] = value.decode(errors="replace")
+    return info
+
+
+def _elf_section(data: bytes, name: str) -> bytes:
+    import io
+
+    return _elf_section_from_file(io.BytesIO(data), name)
+
+
+def _elf_section_from_file(f: typing.BinaryIO, name: str) -> bytes:
+    """One section of an ELF file, read with a few seeks (modules are many; only this is needed)."""
+    ident = f.read(64)
+    if ident[:4] != b"\x7fELF":
+        return b""
+    wide = ident[4] == 2
+    end = "<" if ident[5] == 1 else ">"
+    if wide:
+        (shoff,) = struct.unpack_from(end + "Q", ident, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", ident, 0x3A)
+    else:
+        (shoff,) = struct.unpack_from(end + "I", ident, 0x20)
+        shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", ident, 0x2E)
+    f.seek(shoff)
+    table = f.read(shentsize * shnum)
+    if len(table) < shentsize * shnum or shstrndx >= shnum:
+        return b""
+
+    def section(i: int) -> tuple[int, int, int]:
+        base = i * shentsize
+        if wide:
+            (sh_name,) = struct.unpack_from(end + "I", table, base)
+            off, size = struct.unpack_from(end + "QQ", table, base + 0x18)
+        else:
+            (sh_name,) = struct.unpack_from(end + "I", table, base)
+            off, size = struct.unpack_from(end + "II", table, base + 0x10)
+        return sh_name, off, size
+
+    _, str_off, str_size = section(shstrndx)
+    f.seek(str_off)
+    names = f.read(str_size)
+    want = name.encode()
+    for i in range(shnum):
+        sh_name, off, size = section(i)
+        if names[sh_name : sh_name + len(want) + 1] == want + b"\0":
+            f.seek(off)
+            return f.read(size)
+    return b""
 
 
 def resolve_modules(
@@ -263,6 +384,16 @@ def resolve_modules(
     return [modules_dir / idx.path[n] for n in order]
 
 
+def module_names(modules_dir: Path) -> tuple[set[str], set[str]]:
+    """(loadable module names, built-in module names) of a tree, `-` written as `_`.
+
+    Reads only modules.dep and modules.builtin (the alias table is large, and slow to parse
+    on every `qlaunch exec`)."""
+    have = {_modname(ln.partition(":")[0]) for ln in _read_lines(dep_file(modules_dir)) if ln}
+    builtin = {_modname(x) for x in _read_lines(modules_dir / "modules.builtin") if x}
+    return have, builtin
+
+
 def _lookup(idx: _ModIndex, key: str) -> list[str]:
     key = key.replace("-", "_")
     if key in idx.path:
@@ -290,14 +421,23 @@ def _identity(path: Path) -> bytes:
     return f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode()
 
 
-def _cache_key(asset: AssetSet, modules: list[str], extra: dict[str, bytes] | None) -> str:
+def _cache_key(
+    asset: AssetSet,
+    modules: list[str],
+    extra: dict[str, bytes] | None,
+    pack: Collection[str] = (),
+) -> str:
     h = hashlib.sha256()
     h.update(f"layout {LAYOUT_VERSION}\0{asset.name}\0{asset.version}\0".encode())
     # Identity, not content: a re-fetch rewrites the manifest; hashing 100 MB would not be warm.
-    for p in (asset.manifest, asset.busybox, asset.modules / "modules.dep"):
-        h.update(_identity(p))
+    # A module tree that is not an asset set (`qlaunch exec --modules`) has no manifest.
+    manifest = asset.manifest
+    for p in (manifest, asset.busybox, dep_file(asset.modules)):
+        if p != manifest or p.exists():
+            h.update(_identity(p))
     h.update(INIT_SCRIPT.read_bytes())
     h.update(("\0".join(modules) + "\0").encode())
+    h.update(("pack\0" + "\0".join(sorted(pack)) + "\0").encode())
     for name in sorted(extra or {}):
         h.update(name.encode() + b"\0" + hashlib.sha256((extra or {})[name]).digest())
     return h.hexdigest()
@@ -313,11 +453,23 @@ def _filtered(lines: list[str], keep: set[str], col: int) -> bytes:
 
 
 def base_entries(
-    asset: AssetSet, modules: list[str] | None = None, *, extra: dict[str, bytes] | None = None
+    asset: AssetSet,
+    modules: list[str] | None = None,
+    *,
+    extra: dict[str, bytes] | None = None,
+    pack: Collection[str] = (),
 ) -> list[Entry]:
-    """Everything in the base image, before it is archived (exposed for tests)."""
+    """Everything in the base image, before it is archived (exposed for tests).
+
+    pack: modules stored (with their dependencies) for the guest's modprobe, but not loaded at
+    boot; the boot loads only `modules`.
+    """
     names = DEFAULT_MODULES[asset.arch] if modules is None else modules
     files = resolve_modules(asset.modules, names, optional=DEFAULT_MODULES[asset.arch])
+    loaded = set(files)
+    for f in resolve_modules(asset.modules, list(pack)) if pack else []:
+        if f not in loaded:
+            files.append(f)
     init = INIT_SCRIPT.read_bytes()
     modroot = f"lib/modules/{asset.version}"
     entries = [
@@ -340,20 +492,21 @@ def base_entries(
         stored_name, data = _module_bytes(f)
         rel = rel.rsplit("/", 1)[0] + "/" + stored_name
         entries.append(Entry.file(f"{modroot}/{rel}", data))
-        listed.append(f"/{modroot}/{rel}")
+        if f in loaded:
+            listed.append(f"/{modroot}/{rel}")
         kept.add(_modname(rel))
     entries.append(Entry.file("qlaunch/modules", "".join(p + "\n" for p in listed).encode()))
     # Trimmed index files so the kernel's on-demand module requests (through busybox modprobe)
     # can load what is packed.
     dep_lines = [
         ln.replace(".ko.xz", ".ko").replace(".ko.gz", ".ko")
-        for ln in _read_lines(asset.modules / "modules.dep")
+        for ln in _read_lines(dep_file(asset.modules))
     ]
     entries.append(Entry.file(f"{modroot}/modules.dep", _filtered(dep_lines, kept, 0)))
     alias = _read_lines(asset.modules / "modules.alias")
     entries.append(Entry.file(f"{modroot}/modules.alias", _filtered(alias, kept, 2)))
-    builtin = (asset.modules / "modules.builtin").read_bytes()
-    entries.append(Entry.file(f"{modroot}/modules.builtin", builtin))
+    builtin = "".join(ln + "\n" for ln in _read_lines(asset.modules / "modules.builtin"))
+    entries.append(Entry.file(f"{modroot}/modules.builtin", builtin.encode()))
     for name, data in sorted((extra or {}).items()):
         perm = 0o755 if data.startswith((b"#!", b"\x7fELF")) else 0o644
         entries.append(Entry.file(name, data, perm))
@@ -361,22 +514,26 @@ def base_entries(
 
 
 def build_initramfs(
-    asset: AssetSet, modules: list[str] | None = None, *, extra: dict[str, bytes] | None = None
+    asset: AssetSet,
+    modules: list[str] | None = None,
+    *,
+    extra: dict[str, bytes] | None = None,
+    pack: Collection[str] = (),
 ) -> Path:
     """The base initramfs for an asset set, built once and cached by its inputs.
 
     modules None means DEFAULT_MODULES for the arch. Names from DEFAULT_MODULES are skipped
     when this kernel lacks them (the cloud kernel has no 9p), also inside an explicit list such
     as DEFAULT_MODULES + a profile's own; any other missing name raises AssetError. extra maps
-    archive paths to file contents.
+    archive paths to file contents. pack: see base_entries.
     """
     names = DEFAULT_MODULES[asset.arch] if modules is None else list(modules)
-    key = _cache_key(asset, names, extra)
+    key = _cache_key(asset, names, extra, pack)
     out_dir = cache_dir() / "initramfs"
     out = out_dir / f"{key[:24]}.cpio.gz"
     if out.is_file():
         return out
-    data = gzip_stable(newc_archive(base_entries(asset, modules, extra=extra)))
+    data = gzip_stable(newc_archive(base_entries(asset, modules, extra=extra, pack=pack)))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, data)
     return out

@@ -48,7 +48,22 @@ class Disk:
     readonly: bool
     cache: str
     snapshot: bool
+    size: int | None = None  # bytes; creates a missing image at start
+    force_unsafe: bool = False
+    # The [cloud-init] seed CD-ROM: its path is a placeholder until the launch builds it.
+    cloud_init_seed: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    hostname: str | None
+    ssh_authorized_keys: tuple[str, ...]
+    user_data: str | None  # paths, read at launch
+    network_config: str | None
+
+
+SEED_PLACEHOLDER = "<cloud-init seed ISO built at start>"
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,7 @@ class Profile:
     qemu_extra: tuple[str, ...]
     qemu_binary: str | None
     raw: dict[str, Any] = field(compare=False, repr=False)  # merged TOML, for the state record
+    cloud_init: CloudInit | None = None
 
     @property
     def board(self) -> boards.Board:
@@ -343,18 +359,23 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
                 f"{source}: [[disk]] #{n} interface: {machine} has no {iface} storage",
                 hint="interfaces for this board: " + ", ".join(board.storage),
             )
-        fmt = d["format"] or ("qcow2" if d["path"].endswith(".qcow2") else "raw")
-        disks.append(
-            Disk(
-                path=d["path"],
-                format=fmt,
-                interface=iface,
-                media=d["media"],
-                readonly=d["readonly"] or d["media"] == "cdrom",
-                cache=d["cache"],
-                snapshot=d["snapshot"],
-            )
+        fmt = d["format"] or _format_from_name(d["path"])
+        disk = Disk(
+            path=d["path"],
+            format=fmt,
+            interface=iface,
+            media=d["media"],
+            readonly=d["readonly"] or d["media"] == "cdrom",
+            cache=d["cache"],
+            snapshot=d["snapshot"],
+            size=d["size"],
+            force_unsafe=d["force_unsafe"],
         )
+        _check_disk(source, n, disk)
+        disks.append(disk)
+    cloud_init = _cloud_init(source, data)
+    if cloud_init is not None:
+        disks.append(_seed_disk(source, board))
     nets = []
     for n, e in enumerate(_entries(source, data, "net")):
         if e["mode"] == "none":
@@ -404,6 +425,76 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
         qemu_extra=tuple(q["extra"]),
         qemu_binary=q["binary"],
         raw=data,
+        cloud_init=cloud_init,
+    )
+
+
+def _format_from_name(path: str) -> str:
+    """Never guessed from the content: a raw image could then pose as qcow2 with a backing file."""
+    for fmt in ("qcow2", "vdi", "vmdk"):
+        if path.endswith(f".{fmt}"):
+            return fmt
+    return "raw"
+
+
+def _check_disk(source: str, n: int, d: Disk) -> None:
+    where = f"{source}: [[disk]] #{n}"
+    if d.cache == "unsafe" and not (d.readonly or d.snapshot or d.force_unsafe):
+        raise ProfileError(
+            f'{where} cache: "unsafe" ignores the guest\'s flushes, so a crash of QEMU or the '
+            f"host can corrupt {d.path}",
+            hint="add snapshot = true for a throwaway disk, or force_unsafe = true on this disk "
+            "if its data is expendable",
+        )
+    if d.size is not None:
+        if d.readonly:
+            raise ProfileError(
+                f"{where} size: a read-only disk or CD-ROM cannot start as a new empty image",
+                hint="drop size, or make the image first (qlaunch image create)",
+            )
+        if d.interface == "sd" and d.size & (d.size - 1):
+            from qlaunch.image import format_size, round_up_pow2
+
+            raise ProfileError(
+                f"{where} size: SD card images must be a power of two in size, not "
+                f"{format_size(d.size)}",
+                hint=f'size = "{format_size(round_up_pow2(d.size))}"',
+            )
+
+
+def _cloud_init(source: str, data: dict[str, Any]) -> CloudInit | None:
+    if "cloud-init" not in data:
+        return None
+    from qlaunch import seed
+    from qlaunch.errors import UsageError
+
+    c = _table(source, data, "cloud-init")
+    try:
+        if c["hostname"] is not None:
+            seed.check_hostname(c["hostname"])
+        keys = seed.check_keys(c["ssh_authorized_keys"])
+    except UsageError as e:
+        raise ProfileError(f"{source}: [cloud-init] {e.message}", hint=e.hint) from None
+    return CloudInit(c["hostname"], keys, c["user_data"], c["network_config"])
+
+
+def _seed_disk(source: str, board: boards.Board) -> Disk:
+    # argv puts a CD-ROM on virtio-scsi unless it is IDE; boards with only SD have no CD-ROM.
+    if board.storage == ("sd",):
+        raise ProfileError(
+            f"{source}: [cloud-init]: {board.machine} has only an SD card slot, no bus for the "
+            "seed CD-ROM",
+            hint="use a virt board, or put the seed files on the SD card's image yourself",
+        )
+    return Disk(
+        path=SEED_PLACEHOLDER,
+        format="raw",
+        interface="scsi",
+        media="cdrom",
+        readonly=True,
+        cache="writeback",
+        snapshot=False,
+        cloud_init_seed=True,
     )
 
 

@@ -55,7 +55,8 @@ class ConsoleFilter:
                 if MARKER.startswith(piece.lstrip(b"\r")[: len(MARKER)]) or MARKER in piece:
                     self._held = piece
                     continue
-                out.append(piece)
+                if self.status is None:
+                    out.append(piece)
                 self._track(piece, complete=False)
                 continue
             m = EXIT_RE.search(piece)
@@ -107,7 +108,13 @@ def run(
     _, accel_note = argvmod.choose_accel(profile, host)
     if accel_note and note:
         note(accel_note)
-    with tempfile.TemporaryDirectory(prefix="qlaunch-run-") as tmp:
+    from qlaunch.net import attach, netns
+
+    with (
+        tempfile.TemporaryDirectory(prefix="qlaunch-run-") as tmp,
+        # Taps for [[net]] mode = network/bridge ($QLAUNCH_NETNS: all of it in that namespace).
+        attach.nics_for(profile, profile.name, netns.from_env(None)) as nics,
+    ):
         files = resolve.boot_files(profile, cmd, Path(tmp))
         rt = argvmod.Runtime(
             name=profile.name,
@@ -115,13 +122,20 @@ def run(
             initrd=files.initrd,
             dtb=files.dtb,
             disk_paths=disks.prepare_disks(profile, Path(tmp), note=note),
+            taps=nics.taps,
+            append_extra=nics.append,
         )
         argv = argvmod.build_argv(profile, host, rt)
-        return _drive(profile, argv, out, bool(cmd))
+        return _drive(profile, argv, out, bool(cmd), nics.fds)
 
 
-def _drive(profile: Profile, argv: list[str], out: BinaryIO, has_cmd: bool) -> RunResult:
+def _drive(
+    profile: Profile, argv: list[str], out: BinaryIO, has_cmd: bool, pass_fds: list[int]
+) -> RunResult:
     def write(b: bytes) -> None:
+        if has_cmd:
+            # The guest tty writes CR LF; a command's output read from a pipe wants plain LF.
+            b = b.replace(b"\r\n", b"\n")
         out.write(b)
         out.flush()
 
@@ -133,6 +147,8 @@ def _drive(profile: Profile, argv: list[str], out: BinaryIO, has_cmd: bool) -> R
             stdin=subprocess.DEVNULL if has_cmd else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            die_with_parent=True,
         )
     except FileNotFoundError:
         raise QemuError(

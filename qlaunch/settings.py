@@ -52,6 +52,25 @@ def _forward(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _disk_size(value: Any) -> int:
+    """Bytes; a bare integer is bytes too. Whole 512-byte sectors, as qemu-img would round."""
+    from qlaunch import image
+    from qlaunch.errors import UsageError
+
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 8G")
+    if isinstance(value, int):
+        n = value
+    else:
+        try:
+            n = image.parse_size(value)
+        except UsageError as e:
+            raise ValueError(e.message) from None
+    if n <= 0 or n % 512:
+        raise ValueError(f"{value!r} is not a whole number of 512-byte sectors (like 8G)")
+    return n
+
+
 def _mac(value: Any) -> str:
     if not re.fullmatch(r"(?i)[0-9a-f]{2}(:[0-9a-f]{2}){5}", value):
         raise ValueError(f"{value!r} is not a MAC address (like 52:54:00:12:34:56)")
@@ -137,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
         "format",
         str,
         None,
-        "image format; default from the file name (qcow2 or raw)",
+        "image format; default from the file name (.qcow2, .vdi, .vmdk; anything else raw)",
         ("qcow2", "raw", "vdi", "vmdk"),
     ),
     Setting(
@@ -155,10 +174,34 @@ SETTINGS: tuple[Setting, ...] = (
         "cache",
         str,
         "writeback",
-        "host cache mode",
+        "host cache mode; all but unsafe honour the guest's flushes. unsafe ignores them, so it"
+        " needs snapshot, readonly or force_unsafe",
         ("writeback", "none", "writethrough", "directsync", "unsafe"),
     ),
-    Setting("disk", "snapshot", bool, False, "writes go to a throwaway overlay, dropped at exit"),
+    Setting(
+        "disk",
+        "snapshot",
+        bool,
+        False,
+        "writes go to a throwaway overlay (QEMU's, in $TMPDIR or /var/tmp, unlinked at once);"
+        " the image itself stays unchanged",
+    ),
+    Setting(
+        "disk",
+        "size",
+        str,
+        None,
+        "create the image with this size (like 8G) at start when the file is missing; never"
+        " resizes an existing one",
+        convert=_disk_size,
+    ),
+    Setting(
+        "disk",
+        "force_unsafe",
+        bool,
+        False,
+        'allow cache = "unsafe" on a persistent disk (a QEMU or host crash can corrupt it)',
+    ),
     Setting(
         "net",
         "mode",
@@ -189,6 +232,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("net", "bridge", str, None, "existing host bridge, for mode = bridge"),
     Setting("net", "ip", str, None, "static DHCP lease on a qlaunch network"),
     Setting("net", "smb", str, None, "user mode: share this host directory over SMB"),
+    # Any [cloud-init] table, even an empty one, attaches a NoCloud seed ISO as a CD-ROM.
+    Setting(
+        "cloud-init",
+        "hostname",
+        str,
+        None,
+        "the guest's hostname (meta-data local-hostname); a dotted name also sets the FQDN",
+    ),
+    Setting(
+        "cloud-init",
+        "ssh_authorized_keys",
+        list,
+        [],
+        "public keys for the default user, one line each",
+        item_type=str,
+    ),
+    Setting(
+        "cloud-init",
+        "user_data",
+        str,
+        None,
+        "a user-data file used verbatim (hostname and keys then go into meta-data); without it"
+        " a #cloud-config with hostname and keys is written",
+    ),
+    Setting("cloud-init", "network_config", str, None, "a network-config file (v1 or v2)"),
 )
 
 SECTIONS: dict[str, dict[str, Setting]] = {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shlex
+import signal
 import subprocess
 from collections.abc import Sequence
 from typing import IO, Any
@@ -21,7 +23,10 @@ def spawn(
     new_session: bool = False,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
+    """Start argv. die_with_parent: the kernel sends the child SIGTERM if we die first, so a
+    foreground QEMU never outlives a killed `qlaunch run`."""
     log.debug("spawn: %s", shlex.join(argv))
     return subprocess.Popen(
         list(argv),
@@ -33,7 +38,16 @@ def spawn(
         env=env,
         cwd=cwd,
         close_fds=True,
+        preexec_fn=_set_pdeathsig if die_with_parent else None,
     )
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def stop_child(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:

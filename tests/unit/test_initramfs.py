@@ -7,6 +7,7 @@ import json
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import zlib
 from dataclasses import dataclass
@@ -246,7 +247,8 @@ def test_resolve_modules_names_aliases_softdeps_builtins(tmp_path: Path) -> None
     ]
 
 
-def test_resolve_modules_missing(tmp_path: Path) -> None:
+def test_resolve_modules_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QLAUNCH_CACHE", str(tmp_path / "cache"))
     mods = make_modules_tree(tmp_path)
     with pytest.raises(AssetError, match="'no_such_mod'"):
         resolve_modules(mods, ["virtio_blk", "no_such_mod"])
@@ -254,9 +256,70 @@ def test_resolve_modules_missing(tmp_path: Path) -> None:
     assert resolve_modules(mods, ["no_such_mod"], optional=["no-such-mod"]) == []
     with pytest.raises(AssetError, match="'other'"):
         resolve_modules(mods, ["no_such_mod", "other"], optional=["no_such_mod"])
-    (mods / "modules.dep").unlink()
-    with pytest.raises(AssetError, match="modules.dep"):
-        resolve_modules(mods, ["jbd2"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AssetError, match="no kernel modules"):
+        resolve_modules(empty, ["jbd2"])
+
+
+def elf_module(depends: str, bits: int = 64) -> bytes:
+    """A minimal relocatable ELF with a .modinfo section, as a kernel module has."""
+    modinfo = f"license=GPL\0depends={depends}\0name=x\0".encode()
+    shstr = b"\0.shstrtab\0.modinfo\0"
+    if bits == 64:
+        ehsize, shentsize = 64, 64
+    else:
+        ehsize, shentsize = 52, 40
+    str_off = ehsize
+    info_off = str_off + len(shstr)
+    shoff = info_off + len(modinfo)
+    shoff += -shoff % 8
+    head = bytearray(ehsize)
+    head[:6] = b"\x7fELF" + bytes([2 if bits == 64 else 1, 1])
+    if bits == 64:
+        struct.pack_into("<Q", head, 0x28, shoff)
+        struct.pack_into("<HHH", head, 0x3A, shentsize, 3, 1)
+    else:
+        struct.pack_into("<I", head, 0x20, shoff)
+        struct.pack_into("<HHH", head, 0x2E, shentsize, 3, 1)
+    body = bytes(head) + shstr + modinfo
+    body += b"\0" * (shoff - len(body))
+
+    def sh(name: int, off: int, size: int) -> bytes:
+        entry = bytearray(shentsize)
+        struct.pack_into("<I", entry, 0, name)
+        if bits == 64:
+            struct.pack_into("<QQ", entry, 0x18, off, size)
+        else:
+            struct.pack_into("<II", entry, 0x10, off, size)
+        return bytes(entry)
+
+    return body + sh(0, 0, 0) + sh(1, str_off, len(shstr)) + sh(11, info_off, len(modinfo))
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+def test_tree_without_modules_dep_is_indexed_from_modinfo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    # An unpacked linux-image package has no modules.dep: dependencies come from .modinfo, and
+    # the user's tree is left as it was.
+    monkeypatch.setenv("QLAUNCH_CACHE", str(tmp_path / "cache"))
+    mods = tmp_path / "lib" / "modules" / "6.1.0-test"
+    for rel, deps in {
+        "kernel/fs/9p/9p.ko": "9pnet,netfs",
+        "kernel/net/9p/9pnet.ko": "",
+        "kernel/fs/netfs/netfs.ko": "",
+        "kernel/net/9p/9pnet_virtio.ko": "9pnet,virtio_ring",
+        "kernel/drivers/virtio/virtio_ring.ko": "",
+    }.items():
+        (mods / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mods / rel).write_bytes(elf_module(deps, bits))
+    assert initramfs.modinfo(mods / "kernel/fs/9p/9p.ko")["depends"] == "9pnet,netfs"
+    got = names(resolve_modules(mods, ["9p", "9pnet_virtio"]))
+    assert set(got) == {"9p.ko", "9pnet.ko", "netfs.ko", "9pnet_virtio.ko", "virtio_ring.ko"}
+    assert got.index("9pnet.ko") < got.index("9p.ko")
+    assert got.index("virtio_ring.ko") < got.index("9pnet_virtio.ko")
+    assert sorted(p.name for p in mods.iterdir()) == ["kernel"]
 
 
 # --- base image ---------------------------------------------------------------------------
