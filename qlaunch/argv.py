@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from qlaunch.boards import QEMU_BINARY
+from qlaunch.boards import QEMU_BINARY, Board
 from qlaunch.errors import HostError
 from qlaunch.host import HostFacts
 from qlaunch.profile import Disk, Net, Profile
@@ -43,7 +43,21 @@ class Runtime:
     taps: tuple[str | None, ...] = ()  # per-NIC tap netdev options, e.g. "fd=3"
     append_extra: tuple[str, ...] = ()
     sandbox: bool = False
+    runas: str | None = None  # -runas USER: QEMU drops root once its files are open
+    mem_path: str | None = None  # hugetlbfs mount for [resources] hugepages (found at start)
     extra: tuple[str, ...] = field(default=())
+
+
+# PCIe devices cannot be hotplugged onto the root bus: q35 gets this many empty root ports.
+HOTPLUG_PORTS = 4
+RAM_BACKEND = "qlaunch-ram"
+
+
+def hotplug_port_ids(board: Board) -> tuple[str, ...]:
+    """The ids of the pcie-root-ports argv gives a board for hotplug (see qlaunch.hotplug)."""
+    if board.machine != "q35":
+        return ()
+    return tuple(f"qlaunch-hp{i}" for i in range(HOTPLUG_PORTS))
 
 
 def choose_accel(profile: Profile, host: HostFacts) -> tuple[str, str | None]:
@@ -67,6 +81,9 @@ def kernel_cmdline(profile: Profile, rt: Runtime) -> str:
     args = [f"console={profile.console_tty}", "panic=-1", *board.append]
     if profile.boot.quiet:
         args.append("quiet")
+    if profile.boot.initrd == "qlaunch" and any(d.interface == "sd" for d in profile.disks):
+        # The card is found after init starts; boards have one slot, so it is mmcblk0.
+        args.append("qlaunch.waitdev=mmcblk0")
     args.extend(rt.append_extra)
     if profile.boot.append:
         args.append(profile.boot.append)
@@ -81,12 +98,20 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
     argv = [binary, "-name", f"guest={esc(rt.name)},debug-threads=on"]
     if rt.uuid:
         argv += ["-uuid", rt.uuid]
-    argv += ["-machine", ",".join([board.machine, *board.machine_opts])]
+    argv += ["-machine", ",".join([board.machine, *board.machine_opts, *_machine_res(profile)])]
     argv += ["-accel", accel]
     cpu = "host" if accel == "kvm" else (m.cpu or board.cpu)
     if cpu:
         argv += ["-cpu", cpu]
     argv += ["-smp", str(m.smp), "-m", f"{m.memory_mib}M"]
+    if profile.resources.hugepages:
+        # prealloc: too few free hugepages fail the start, not the guest later (SIGBUS).
+        mem_path = esc(rt.mem_path or "/dev/hugepages")
+        argv += [
+            "-object",
+            f"memory-backend-file,id={RAM_BACKEND},size={m.memory_mib}M,mem-path={mem_path},"
+            "prealloc=on",
+        ]
     argv += ["-nodefaults", "-no-user-config", "-no-reboot"]
     if rt.paused:
         argv.append("-S")
@@ -111,16 +136,37 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
         argv += ["-append", kernel_cmdline(profile, rt)]
     argv += _disks(profile, rt)
     argv += _nets(profile, rt)
+    if board.sound:
+        # A silent backend, or QEMU opens the host's ALSA and complains on stderr.
+        argv += ["-audiodev", "none,id=snd0", "-global", f"{board.sound}.audiodev=snd0"]
     if board.virtio:
         argv += ["-device", _virtio(board.virtio, "virtio-rng")]
+    for i, port in enumerate(hotplug_port_ids(board)):
+        argv += ["-device", f"pcie-root-port,id={port},chassis={i + 1}"]
     if rt.sandbox:
+        # -runas needs setuid/setgid (7.2 kills QEMU with SIGSYS under elevateprivileges=deny
+        # or children); once it has dropped root it cannot regain it. User-mode SMB runs smbd.
+        elevate = "allow" if rt.runas else "deny"
+        spawn = "allow" if any(n.smb for n in profile.nets) else "deny"
         argv += [
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            f"on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny",
         ]
+    if rt.runas:
+        argv += ["-runas", rt.runas]
     argv += list(rt.extra)
     argv += list(profile.qemu_extra)
     return argv
+
+
+def _machine_res(profile: Profile) -> list[str]:
+    r = profile.resources
+    opts = []
+    if r.mem_merge is not None:
+        opts.append(f"mem-merge={'on' if r.mem_merge else 'off'}")
+    if r.hugepages:
+        opts.append(f"memory-backend={RAM_BACKEND}")
+    return opts
 
 
 def _virtio(transport: str, device: str) -> str:

@@ -3,6 +3,10 @@
 One record per board: the QEMU binary, the CPU, RAM and CPU-count limits, the console, the DTB,
 the storage and NIC wiring, and how its poweroff behaves. Validation and argv building both read
 these records, so a limit is written down once.
+
+The limits are QEMU 7.2's own (each one was tried against the real binary: QEMU refuses one CPU
+or MiB more, or cannot use it, as the comments say), so qlaunch refuses first with a message that
+names the profile's file and key instead of QEMU's.
 """
 
 from __future__ import annotations
@@ -47,7 +51,15 @@ class Board:
     extra_serials: int = 0  # serial ports after the console one, wired to null
     append: tuple[str, ...] = ()  # kernel arguments the board needs
     sd_pow2: bool = False  # SD card images must be a power of two in size
+    sd_slots: int = 0  # how many if=sd drives the board wires up
+    # The board's built-in sound device (a QEMU device type): it gets a silent audiodev, or
+    # QEMU probes the host's ALSA and fills stderr with its complaints.
+    sound: str | None = None
     tags: tuple[str, ...] = field(default=())
+
+    @property
+    def binary(self) -> str:
+        return QEMU_BINARY[self.arch]
 
 
 def _register(*boards: Board) -> dict[tuple[str, str], Board]:
@@ -61,6 +73,7 @@ BOARDS = _register(
         description="PC with PCIe (Q35): virtio everywhere, ACPI",
         cpu=None,
         console="ttyS0",
+        smp_max=288,
         memory_default_mib=256,
         storage=("virtio", "scsi", "ide"),
     ),
@@ -70,6 +83,7 @@ BOARDS = _register(
         description="legacy PC (i440FX)",
         cpu=None,
         console="ttyS0",
+        smp_max=255,
         memory_default_mib=256,
         storage=("virtio", "scsi", "ide"),
     ),
@@ -79,6 +93,7 @@ BOARDS = _register(
         description="minimal x86 VM: virtio-mmio, no PCI, fastest boot",
         cpu=None,
         console="ttyS0",
+        smp_max=288,
         memory_default_mib=256,
         virtio="mmio",
         nic_model="virtio-net-device",
@@ -91,6 +106,7 @@ BOARDS = _register(
         description="generic ARM64 VM: virtio-pci, generated DTB",
         cpu="cortex-a57",
         console="ttyAMA0",
+        smp_max=8,  # GICv2, QEMU's default interrupt controller for virt
         storage=("virtio", "scsi"),
         acpi=False,
     ),
@@ -101,6 +117,8 @@ BOARDS = _register(
         cpu="cortex-a15",
         console="ttyAMA0",
         machine_opts=("highmem=off",),
+        smp_max=8,
+        # highmem=off keeps RAM below 4 GiB for non-LPAE kernels: RAM starts at 1 GiB.
         memory_max_mib=3072,
         storage=("virtio", "scsi"),
         acpi=False,
@@ -112,13 +130,15 @@ BOARDS = _register(
         cpu="cortex-a9",
         console="ttyAMA0",
         smp_max=4,
-        memory_max_mib=1024,
+        memory_max_mib=1024,  # QEMU: "vexpress-a9: cannot model more than 1GB RAM"
         dtb="vexpress-v2p-ca9.dtb",
         storage=("sd",),
         virtio="",
         nic_model="lan9118",
         acpi=False,
         sd_pow2=True,
+        sd_slots=1,
+        sound="pl041",
     ),
     Board(
         machine="vexpress-a15",
@@ -126,7 +146,8 @@ BOARDS = _register(
         description="ARM Versatile Express Cortex-A15: SD card, LAN9118",
         cpu="cortex-a15",
         console="ttyAMA0",
-        smp_max=4,
+        smp_max=4,  # the tc1 DTB describes two of them; a guest sees no more
+        # QEMU's limit; RAM past the first 2 GiB lies above 4 GiB, for LPAE kernels only.
         memory_max_mib=30 * 1024,
         dtb="vexpress-v2p-ca15-tc1.dtb",
         storage=("sd",),
@@ -134,13 +155,17 @@ BOARDS = _register(
         nic_model="lan9118",
         acpi=False,
         sd_pow2=True,
+        sd_slots=1,
+        sound="pl041",
     ),
     Board(
         machine="raspi3b",
         arch="aarch64",
         description="Raspberry Pi 3 Model B: 4x Cortex-A53, 1 GiB, SD card, no NIC",
         cpu=None,
-        console="ttyAMA0",
+        console="ttyAMA0",  # the PL011 on serial0; the mini-UART (serial1) goes to null
+        # QEMU: "The min CPUs supported by machine 'raspi3b' is 4" (and the max),
+        # "Invalid RAM size, should be 1 GiB".
         smp_fixed=4,
         memory_fixed_mib=1024,
         memory_default_mib=1024,
@@ -152,6 +177,7 @@ BOARDS = _register(
         halts_on_poweroff=True,
         extra_serials=1,
         sd_pow2=True,
+        sd_slots=1,
     ),
     Board(
         machine="raspi2b",
@@ -170,6 +196,7 @@ BOARDS = _register(
         halts_on_poweroff=True,
         extra_serials=1,
         sd_pow2=True,
+        sd_slots=1,
     ),
 )
 

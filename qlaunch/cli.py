@@ -24,7 +24,9 @@ COMMAND_MODULES = [
     "qlaunch.commands.assets",
     "qlaunch.commands.net",
     "qlaunch.commands.image",
+    "qlaunch.commands.boards",
     "qlaunch.commands.vm",
+    "qlaunch.commands.control",
     "qlaunch.commands.exec",
 ]
 

@@ -28,7 +28,7 @@ INIT_SCRIPT = Path(__file__).resolve().parent / "guest" / "init"
 
 # Bumped whenever the layout of the base image changes, so cached images built by an older
 # qlaunch are not reused.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 _COMMON_MODULES = [
     "virtio_pci",
@@ -474,9 +474,10 @@ def base_entries(
     modroot = f"lib/modules/{asset.version}"
     entries = [
         Entry.dir(d)
-        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp")
+        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev")
         + ("run", "root", "mnt", "var/log", "qlaunch", modroot)
     ]
+    entries.append(Entry.dir("tmp", 0o1777))
     entries += [
         Entry.chardev("dev/console", 5, 1),
         Entry.chardev("dev/null", 1, 3, 0o666),

@@ -114,10 +114,18 @@ def unique_names(specs: Sequence[testloop.ExecSpec]) -> list[testloop.ExecSpec]:
 class PrefixSink:
     """Whole lines, prefixed with the run's name, so parallel runs stay readable."""
 
-    def __init__(self, name: str, lock: threading.Lock, note: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        lock: threading.Lock,
+        note: Callable[[str], None],
+        shown: set[str] | None = None,
+    ) -> None:
         self.name = name
         self.lock = lock
         self._note = note
+        # Notes every run gives alike (the accelerator's) are shown once, without a name.
+        self._shown = shown if shown is not None else set()
         self.notes: list[str] = []
         self._held: dict[str, bytes] = {"out": b"", "err": b""}
 
@@ -142,6 +150,11 @@ class PrefixSink:
     def note(self, message: str) -> None:
         self.notes.append(message)
         with self.lock:
+            if message.startswith("using TCG"):
+                if message not in self._shown:
+                    self._shown.add(message)
+                    self._note(message)
+                return
             self._note(f"[{self.name}] {message}")
 
     def close(self) -> None:
@@ -174,11 +187,12 @@ def run_matrix(
 ) -> list[testloop.Result]:
     specs = unique_names(specs)
     lock = threading.Lock()
+    shown: set[str] = set()
     workers = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
 
     def one(spec: testloop.ExecSpec) -> testloop.Result:
         assert spec.name is not None
-        sink = PrefixSink(spec.name, lock, note)
+        sink = PrefixSink(spec.name, lock, note, shown)
         try:
             result = testloop.run_spec(spec, sink, show_console=show_console)
         except QlaunchError as e:

@@ -79,6 +79,29 @@ class Net:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """[resources]: what qlaunch.resources applies on the host at start."""
+
+    cpu_affinity: tuple[int, ...] = ()
+    cpu_limit: int | None = None  # percent of one host CPU
+    memory_limit: int | None = None  # bytes
+    mem_merge: bool | None = None  # None: QEMU's default
+    hugepages: bool = False
+
+    @property
+    def any(self) -> bool:
+        """Something for qlaunch.resources to do on the host (mem_merge = false is only
+        argv)."""
+        return bool(
+            self.cpu_affinity
+            or self.cpu_limit
+            or self.memory_limit
+            or self.mem_merge
+            or self.hugepages
+        )
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     source: str  # the file it came from, for messages
@@ -93,6 +116,7 @@ class Profile:
     qemu_binary: str | None
     raw: dict[str, Any] = field(compare=False, repr=False)  # merged TOML, for the state record
     cloud_init: CloudInit | None = None
+    resources: Resources = field(default_factory=Resources)
 
     @property
     def board(self) -> boards.Board:
@@ -359,6 +383,11 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
                 f"{source}: [[disk]] #{n} interface: {machine} has no {iface} storage",
                 hint="interfaces for this board: " + ", ".join(board.storage),
             )
+        if iface == "sd" and sum(x.interface == "sd" for x in disks) >= board.sd_slots:
+            raise ProfileError(
+                f"{source}: [[disk]] #{n} interface: {machine} has {board.sd_slots} SD card "
+                f"slot{'s' if board.sd_slots != 1 else ''}, filled by an earlier [[disk]]"
+            )
         fmt = d["format"] or _format_from_name(d["path"])
         disk = Disk(
             path=d["path"],
@@ -403,6 +432,16 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
                 smb=e["smb"],
             )
         )
+    r = _table(source, data, "resources")
+    if r["memory_limit"] is not None and r["memory_limit"] <= mem << 20:
+        raise ProfileError(
+            f"{source}: [resources] memory_limit: {_mib(r['memory_limit'] >> 20)} does not "
+            f"even hold the guest's {_mib(mem)} of RAM",
+            hint="the limit counts QEMU's own memory too: allow 100M or more above the RAM",
+        )
+    resources = Resources(
+        tuple(r["cpu_affinity"]), r["cpu_limit"], r["memory_limit"], r["mem_merge"], r["hugepages"]
+    )
     if b["initrd"] == "qlaunch" and not b["kernel"]:
         raise ProfileError(f'{source}: [boot] kernel: required with initrd = "qlaunch"')
     return Profile(
@@ -426,6 +465,7 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
         qemu_binary=q["binary"],
         raw=data,
         cloud_init=cloud_init,
+        resources=resources,
     )
 
 

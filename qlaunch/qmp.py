@@ -230,6 +230,17 @@ class Monitor:
         except ExecuteError as e:
             raise QMPError("quit", e.error_class, str(e)) from None
 
+    def getfd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor (SCM_RIGHTS over the monitor socket) under
+        `name`, for commands that take fd:NAME (migrate, migrate-incoming, netdev_add). QEMU
+        gets its own copy: the caller still closes fd."""
+        client = self._need()
+        try:
+            client.send_fd_scm(fd)
+        except (OSError, LibStateError) as e:
+            raise QMPUnavailable(f"{self.what}: cannot pass a file descriptor: {e}") from None
+        self.execute("getfd", {"fdname": name})
+
     # -- events
 
     def get_event(self, timeout: float | None = 0.0) -> dict[str, Any] | None:

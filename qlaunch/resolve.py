@@ -54,10 +54,16 @@ def refs(profile: Profile, cache: Path) -> BootFiles:
 
 def boot_files(profile: Profile, cmd: list[str] | None, workdir: Path) -> BootFiles:
     """Real boot files for a launch: checks they exist and builds the qlaunch initramfs."""
+    from qlaunch import kernelcheck, sdcard
+
     files = refs(profile, paths.cache_dir())
     for what, path in (("kernel", files.kernel), ("dtb", files.dtb)):
         if path and not Path(path).is_file():
             _missing(profile, what, path)
+        if what == "kernel":
+            # Before the DTB: a wrong kernel's asset set lacks the board's DTB, the lesser news.
+            kernelcheck.check_kernel(profile, path)
+    sdcard.check_images(profile)
     initrd = files.initrd
     if initrd == "qlaunch":
         from qlaunch import assets, initramfs

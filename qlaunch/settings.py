@@ -79,6 +79,25 @@ def _mac(value: Any) -> str:
     return str(value).lower()
 
 
+def _cpu_list(value: Any) -> tuple[int, ...]:
+    if any(c < 0 for c in value) or len(set(value)) != len(value):
+        raise ValueError(f"{value!r} is not a list of distinct host CPU numbers (like [0, 1])")
+    return tuple(sorted(value))
+
+
+def _cpu_percent(value: Any) -> int:
+    if value < 1:
+        raise ValueError(f"{value} is not a CPU share (percent of one host CPU: 50, 200...)")
+    return int(value)
+
+
+def _limit_bytes(value: Any) -> int:
+    n = size_bytes(value, "M")
+    if n < 64 << 20:
+        raise ValueError(f"{value!r} is too low a memory limit for QEMU (at least 64M)")
+    return n
+
+
 @dataclass(frozen=True)
 class Setting:
     section: str  # "machine", or "disk"/"net" for array tables
@@ -232,6 +251,47 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("net", "bridge", str, None, "existing host bridge, for mode = bridge"),
     Setting("net", "ip", str, None, "static DHCP lease on a qlaunch network"),
     Setting("net", "smb", str, None, "user mode: share this host directory over SMB"),
+    Setting(
+        "resources",
+        "cpu_affinity",
+        list,
+        [],
+        "host CPUs QEMU's threads may run on, like [0, 1]",
+        item_type=int,
+        convert=_cpu_list,
+    ),
+    Setting(
+        "resources",
+        "cpu_limit",
+        int,
+        None,
+        "CPU time cap in percent of one host CPU (50: half a CPU; 200: two), by cgroup",
+        convert=_cpu_percent,
+    ),
+    Setting(
+        "resources",
+        "memory_limit",
+        str,
+        None,
+        "memory cap for the whole QEMU process (guest RAM plus QEMU's own), like 1G, by"
+        " cgroup; more than [machine] memory",
+        convert=_limit_bytes,
+    ),
+    Setting(
+        "resources",
+        "mem_merge",
+        bool,
+        None,
+        "KSM: let the host merge identical guest pages (true needs KSM running on the host);"
+        " unset: QEMU's default",
+    ),
+    Setting(
+        "resources",
+        "hugepages",
+        bool,
+        False,
+        "back guest RAM with hugepages from a mounted hugetlbfs (enough must be free at start)",
+    ),
     # Any [cloud-init] table, even an empty one, attaches a NoCloud seed ISO as a CD-ROM.
     Setting(
         "cloud-init",

@@ -1,7 +1,9 @@
 """The per-VM supervisor: QEMU's parent, its exits' recorder, its restart policy.
 
-`vm.start` runs `python -S -m qlaunch.supervisor VMDIR READY_FD` in a new session; the
-supervisor forks once more so that nobody's child it is, and from then on it
+`vm.start` runs `python -S -m qlaunch.supervisor VMDIR READY_FD GO_FD` in a new session
+(early, so that the interpreter starts while `start` prepares the VM); the supervisor forks
+once more so that nobody's child it is, waits for "go" on GO_FD (EOF: `start` failed, leave),
+and from then on it
 
 - starts QEMU from argv.json, paused (-S), in its own process group, with a private QMP
   monitor on fd `record.monitor_fd` (one end of a socketpair: no path, no other client),
@@ -73,6 +75,16 @@ def run_state_of(qemu_status: str) -> str:
     return state.PAUSED
 
 
+def _placed(spec: Any) -> Any:
+    """QEMU inherits the VM's cgroups and CPU affinity (qlaunch.resources); imported only
+    for VMs that have [resources], to keep the supervisor small."""
+    if not spec:
+        return contextlib.nullcontext()
+    from qlaunch import resources
+
+    return resources.placed(spec)
+
+
 class Monitor:
     """Just enough QMP for the supervisor: newline-delimited JSON over a socket."""
 
@@ -82,6 +94,7 @@ class Monitor:
         self.buf = b""
         self.n = 0
         self.eof = False
+        self.queue: list[dict[str, Any]] = []  # read, not yet handled (nothing is dropped)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -96,8 +109,8 @@ class Monitor:
             self.eof = True
         return mid
 
-    def read(self) -> list[dict[str, Any]]:
-        """Whatever complete messages have arrived; sets eof when QEMU hung up."""
+    def fill(self) -> None:
+        """Queue whatever complete messages have arrived; sets eof when QEMU hung up."""
         try:
             while True:
                 chunk = self.sock.recv(65536)
@@ -109,16 +122,14 @@ class Monitor:
             pass
         except OSError:
             self.eof = True
-        out = []
         *lines, self.buf = self.buf.split(b"\n")
         for line in lines:
             line = line.strip()
             if line:
                 try:
-                    out.append(json.loads(line))
+                    self.queue.append(json.loads(line))
                 except ValueError:
                     continue
-        return out
 
     def close(self) -> None:
         self.sock.close()
@@ -134,8 +145,7 @@ class Supervisor:
         self.mon: Monitor | None = None
         self.shutdown_reason: str | None = None
         self.started = 0.0
-        self.ping_id: str | None = None
-        self.ping_sent = 0.0
+        self.pending: dict[str, float] = {}  # query-status ids sent -> when
         self.next_ping = 0.0
         self.events_fd = -1
         self.log_offset = 0
@@ -172,14 +182,15 @@ class Supervisor:
                 (os.POSIX_SPAWN_DUP2, child.fileno(), self.rec.monitor_fd),
             ]
             # Its own process group: a signal aimed at ours (kill -- -PGID) must not end QEMU.
-            self.pid = os.posix_spawnp(
-                argv[0],
-                argv,
-                dict(os.environ),
-                file_actions=actions,
-                setpgroup=0,
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGINT),
-            )
+            with _placed(self.rec.extra.get("resources")):
+                self.pid = os.posix_spawnp(
+                    argv[0],
+                    argv,
+                    dict(os.environ),
+                    file_actions=actions,
+                    setpgroup=0,
+                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGINT),
+                )
         finally:
             os.close(logfd)
             child.close()
@@ -187,7 +198,7 @@ class Supervisor:
         self.mon = Monitor(parent)
         self.started = time.time()
         self.shutdown_reason = None
-        self.ping_id = None
+        self.pending = {}
         proc = state.proc_of(self.pid)
 
         def ch(r: state.Record) -> None:
@@ -230,11 +241,15 @@ class Supervisor:
             if self.pidfd in ready:
                 ex = self.reap()
                 return self.qemu_error() or f"QEMU ended at start: {ex.describe()}"
-            for m in self.mon.read():
+            self.mon.fill()
+            while self.mon.queue:
+                m = self.mon.queue.pop(0)
                 if "QMP" in m and step == "greeting":
                     step, waiting = "negotiation", self.mon.send("qmp_capabilities", "init")
                 elif "event" in m:
                     self.on_event(m)
+                elif m.get("id") in self.pending:
+                    self.on_reply(m)
                 elif m.get("id") == waiting and "error" in m:
                     os.kill(self.pid, signal.SIGKILL)
                     self.reap()
@@ -284,10 +299,13 @@ class Supervisor:
             self.shutdown_reason = (m.get("data") or {}).get("reason")
         elif ev == "GUEST_PANICKED":
             self.shutdown_reason = "guest-panic"
-        elif ev in ("STOP", "RESUME") and self.mon is not None and not self.mon.eof:
+        elif ev in ("STOP", "RESUME"):
             # Ask for the exact run state (paused, suspended, inmigrate...), not a guess.
-            self.ping_id = self.mon.send("query-status", "status")
-            self.ping_sent = time.monotonic()
+            self.query_status("status")
+
+    def query_status(self, tag: str) -> None:
+        if self.mon is not None and not self.mon.eof and len(self.pending) < 8:
+            self.pending[self.mon.send("query-status", tag)] = time.monotonic()
 
     def record_event(self, m: dict[str, Any]) -> None:
         path = self.d / "events.jsonl"
@@ -302,9 +320,10 @@ class Supervisor:
             os.replace(path, path.with_name("events.jsonl.1"))
 
     def on_reply(self, m: dict[str, Any]) -> None:
-        if m.get("id") != self.ping_id:
+        if m.get("id") not in self.pending:
             return
-        self.ping_id = None
+        # QEMU answers a monitor in order: whatever was sent before has been answered too.
+        self.pending.clear()
         ret = m.get("return")
         if not isinstance(ret, dict):
             return
@@ -327,7 +346,7 @@ class Supervisor:
     def ping(self) -> None:
         assert self.mon is not None
         now = time.monotonic()
-        overdue = self.ping_id is not None and now - self.ping_sent > PING_TIMEOUT
+        overdue = bool(self.pending) and now - min(self.pending.values()) > PING_TIMEOUT
         # A client holding qmp.lock may be running something long; no verdict then.
         judge = overdue and not self.mon.eof and self.rec.health.ok
         if judge and not state.held_by_other(self.d / "qmp.lock"):
@@ -338,34 +357,41 @@ class Supervisor:
                 r.health = state.Health(ok=False, checked_at=time.time(), error=msg)
 
             self.change(ch)
-        if self.ping_id is None and now >= self.next_ping and not self.mon.eof:
-            self.ping_id = self.mon.send("query-status", "ping")
-            self.ping_sent = now
+        if now >= self.next_ping:
+            self.query_status("ping")
             self.next_ping = now + PING_INTERVAL
 
     def watch(self) -> state.Exit:
         """Until QEMU ends: events, pings. Returns its recorded exit."""
         assert self.mon is not None
         while True:
+            self.dispatch()
             fds = [self.pidfd] + ([] if self.mon.eof else [self.mon.fileno()])
-            timeout = max(0.05, min(self.next_ping - time.monotonic(), PING_TIMEOUT))
+            timeout = max(0.05, min(self.next_ping - time.monotonic(), 1.0))
             ready, _, _ = select.select(fds, [], [], timeout)
             if self.mon.fileno() in ready:
-                for m in self.mon.read():
-                    if "event" in m:
-                        self.on_event(m)
-                    elif "id" in m:
-                        self.on_reply(m)
+                self.mon.fill()
+                self.dispatch()
             if self.pidfd in ready:
                 return self.reap()
             self.ping()
+
+    def dispatch(self) -> None:
+        assert self.mon is not None
+        while self.mon.queue:
+            m = self.mon.queue.pop(0)
+            if "event" in m:
+                self.on_event(m)
+            elif "id" in m:
+                self.on_reply(m)
 
     def reap(self) -> state.Exit:
         _, status = os.waitpid(self.pid, 0)
         os.close(self.pidfd)
         self.pidfd = -1
         if self.mon is not None:
-            for m in self.mon.read():
+            self.mon.fill()
+            for m in self.mon.queue:
                 if "event" in m:
                     self.on_event(m)
             self.mon.close()
@@ -492,20 +518,43 @@ class Supervisor:
                 ex = last
 
 
+def wait_for_go(go_fd: int) -> bool:
+    """True once `start` says go; False if it closed the pipe without a word (it failed)."""
+    buf = b""
+    while b"\n" not in buf:
+        chunk = os.read(go_fd, 16)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(go_fd)
+    return buf.startswith(b"go")
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m qlaunch.supervisor VMDIR READY_FD", file=sys.stderr)
+    if len(argv) != 3:
+        print("usage: python -m qlaunch.supervisor VMDIR READY_FD GO_FD", file=sys.stderr)
         return 2
-    d, ready_fd = Path(argv[0]), int(argv[1])
+    d, ready_fd, go_fd = Path(argv[0]), int(argv[1]), int(argv[2])
     os.umask(0o077)
     # QEMU must not inherit the ready pipe: start would then see no EOF if we die.
     os.set_inheritable(ready_fd, False)
+    os.set_inheritable(go_fd, False)
     # Fork once more: the supervisor is then nobody's child (start's caller may be a
     # long-lived program that waits for its children or never does).
     if os.fork() > 0:
         os._exit(0)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not wait_for_go(go_fd):
+        return 0
+    # From here on our output belongs in the VM's directory, not on start's stderr (which
+    # may be a pipe its caller reads to the end).
+    log = os.open(
+        d / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
     try:
         sup = Supervisor(d, ready_fd)
     except BaseException as e:

@@ -265,9 +265,12 @@ def _check_arch(k: _Kernel, detected: str | None, want: str, why: str) -> None:
     from qlaunch import kernel as kmod
 
     if detected is not None and detected != want:
+        fix = f"--profile {DEFAULT_PROFILE[detected]}" if why.startswith("profile") else None
+        if detected not in DEFAULT_PROFILE:
+            fix = None
         raise UsageError(
             f"{k.label} is {kmod.describe(detected)}, but {why} is {want}",
-            hint=f"use --arch {detected}, or a kernel built for {want}",
+            hint=f"use {fix or f'--arch {detected}'}, or a kernel built for {want}",
         )
 
 

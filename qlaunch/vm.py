@@ -296,6 +296,7 @@ class VM:
         note: Note | None = None,
         lock_timeout: float = 30.0,
         base: Path | None = None,
+        runas: str | None = None,
     ) -> VM:
         """Start a VM in the background; returns once QEMU runs and has answered QMP.
 
@@ -304,11 +305,13 @@ class VM:
         restart: "no", "on-failure" or "always" (see qlaunch.supervisor).
         cmd: a command for the qlaunch guest init to run (then it powers off).
         paused: leave the guest paused (QMP `cont` or vm.resume() starts it).
-        fds: open file descriptors (4 or more) QEMU gets at the same numbers, e.g. taps its
-          argv names as fd=N; the supervisor keeps them for restarts.
+        fds: open file descriptors (3 or more) QEMU gets at the same numbers, e.g. taps its
+          argv names as fd=N; the supervisor keeps them for restarts (the private monitor
+          takes the lowest number from 3 up that is not among them).
         cleanup: hooks run once when the VM ends for good: {"call": "pkg.mod:function",
           "args": [...], "what": "..."} (see state.run_cleanup).
         note: called with one-line remarks (why TCG was picked...).
+        runas: QEMU drops root for this user once its files are open (-runas; needs root).
         A VM of the same name that has stopped is replaced; a live one is an error.
         """
         return _launch(
@@ -323,6 +326,7 @@ class VM:
             note=note,
             lock_timeout=lock_timeout,
             base=base,
+            runas=runas,
         )
 
     # -- looking
@@ -371,13 +375,15 @@ class VM:
             },
             exits=[dict(asdict(e), describe=e.describe()) for e in rec.exits[-5:]],
             failed_reason=rec.failed_reason,
+            hotplug=rec.extra.get("hotplug", []),
+            command_status=self.command_status(),
             qmp=None,
             qmp_error=None,
             qemu_version=None,
         )
         if query and live.qemu is not None:
             try:
-                with self.monitor(connect_timeout=3.0, purpose="status") as mon:
+                with self.monitor(3.0, purpose="status", lock_timeout=3.0) as mon:
                     out["qmp"] = mon.execute("query-status", timeout=5.0)
                     out["qemu_version"] = mon.version
             except (QMPTimeout, QMPUnavailable) as e:
@@ -386,6 +392,18 @@ class VM:
             except StateError as e:  # qmp.lock held: busy, not dead
                 out["qmp_error"] = e.message
         return out
+
+    def command_status(self) -> int | None:
+        """For a VM started with a command: its exit status, once the guest has reported it
+        (the last QLAUNCH_EXIT=N on the console); else None."""
+        try:
+            if not json.loads((self.dir / "profile.json").read_bytes()).get("command"):
+                return None
+            data = (self.dir / "console.log").read_bytes()
+        except (OSError, ValueError):
+            return None
+        found = re.findall(rb"QLAUNCH_EXIT=(\d+)", data)
+        return int(found[-1]) if found else None
 
     def events(self) -> list[dict[str, Any]]:
         """The QMP events the supervisor recorded, oldest first."""
@@ -399,8 +417,11 @@ class VM:
 
     # -- QMP
 
-    def monitor(self, connect_timeout: float = 5.0, purpose: str = "qmp") -> Monitor:
-        """A connected QMP session (use it in a with block: it holds qmp.lock)."""
+    def monitor(
+        self, connect_timeout: float = 5.0, purpose: str = "qmp", lock_timeout: float = 10.0
+    ) -> Monitor:
+        """A connected QMP session (use it in a with block: it holds qmp.lock, waited for up
+        to lock_timeout seconds; StateError naming the holder after that)."""
         from qlaunch.qmp import Monitor
 
         live = self.live()
@@ -411,6 +432,7 @@ class VM:
             lock=self.dir / "qmp.lock",
             what=f"VM {self.name}",
             purpose=purpose,
+            lock_timeout=lock_timeout,
         ).connect(connect_timeout)
 
     def qmp(
@@ -609,12 +631,17 @@ def _launch(
     note: Note | None,
     lock_timeout: float,
     base: Path | None,
+    runas: str | None = None,
 ) -> VM:
     from qlaunch import argv as argvmod
     from qlaunch import host
     from qlaunch import profile as profmod
 
     _check_restart(restart)
+    if runas is not None:
+        from qlaunch import resources
+
+        resources.check_runas(runas)
     for fd in fds:
         if fd < 3:
             raise UsageError(f"fd {fd} cannot be passed to QEMU: 0, 1 and 2 are its own")
@@ -633,19 +660,32 @@ def _launch(
         state.check_socket_path(d / sock)
     if accel_note and note:
         note(accel_note)
-    with state.locked(name, "start", lock_timeout, r):
-        _clear_previous(d)
-        old_umask = os.umask(0o077)
-        try:
-            d.mkdir(mode=0o700)
+    # The supervisor's interpreter starts while we get the VM ready; it waits for our word.
+    # Not when it must inherit fds (taps) that do not exist yet.
+    early = None if fds or _needs_taps(prof) else SupervisorHandle(d, ())
+    try:
+        with state.locked(name, "start", lock_timeout, r):
+            _clear_previous(d)
+            old_umask = os.umask(0o077)
             try:
-                _build_and_run(d, prof, facts, restart, cmd, paused, fds, cleanup, note)
-            except BaseException:
-                _undo_start(d)
-                raise
-        finally:
-            os.umask(old_umask)
+                d.mkdir(mode=0o700)
+                try:
+                    _build_and_run(
+                        d, prof, facts, restart, cmd, paused, fds, cleanup, note, runas, early
+                    )
+                except BaseException:
+                    _undo_start(d)
+                    raise
+            finally:
+                os.umask(old_umask)
+    finally:
+        if early is not None:
+            early.abort()
     return VM(name, r)
+
+
+def _needs_taps(prof: Profile) -> bool:
+    return any(n.mode in ("network", "bridge") for n in prof.nets)
 
 
 def _clear_previous(d: Path) -> None:
@@ -677,9 +717,11 @@ def _build_and_run(
     fds: Sequence[int],
     cleanup: Sequence[Mapping[str, Any]],
     note: Note | None,
+    runas: str | None = None,
+    early: SupervisorHandle | None = None,
 ) -> None:
     from qlaunch import argv as argvmod
-    from qlaunch import resolve
+    from qlaunch import resolve, resources
     from qlaunch.supervisor import monitor_args
 
     name = d.name
@@ -707,9 +749,14 @@ def _build_and_run(
                     "what": "release the VM's NICs",
                 }
             )
+    res: resources.Prepared | None = None
     try:
         all_fds = [*fds, *(nics.fds if nics else [])]
         mon_fd = next(n for n in range(3, 1 << 16) if n not in all_fds)
+        res = resources.prepare(name, prof)
+        if res is not None:
+            extra["resources"] = res.record
+            hooks.append(res.hook)
         rt = argvmod.Runtime(
             name=name,
             console=str(d / "console.sock"),
@@ -724,6 +771,9 @@ def _build_and_run(
             taps=nics.taps if nics else (),
             append_extra=nics.append if nics else (),
             extra=monitor_args(mon_fd),
+            sandbox=True,
+            runas=runas,
+            mem_path=res.mem_path if res else None,
         )
         argv = argvmod.build_argv(prof, facts, rt)
         state.write_json(d / "argv.json", argv)
@@ -754,16 +804,21 @@ def _build_and_run(
         )
         state.write_record(d, rec)
         state.log(d, f"start: profile {prof.name}, restart policy {restart}")
-        if nics is not None and nics.fds:
+        if early is not None and not all_fds:
+            sup = early
+        elif nics is not None and nics.fds:
             from qlaunch.net import netns
 
             with netns.entered(ns):
-                _run_supervisor(d, all_fds)
+                sup = SupervisorHandle(d, all_fds)
         else:
-            _run_supervisor(d, all_fds)
+            sup = SupervisorHandle(d, all_fds)
+        sup.go_and_wait()
     except BaseException:
         if nics is not None:
             nics.rollback()
+        if res is not None:
+            res.rollback()
         raise
     finally:
         if nics is not None:
@@ -774,45 +829,78 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-def _run_supervisor(d: Path, fds: Sequence[int]) -> None:
-    """Spawn the supervisor and wait for its word that QEMU runs and answered QMP."""
-    import subprocess
+class SupervisorHandle:
+    """A supervisor process, spawned and waiting for the word to go (`python -S -m
+    qlaunch.supervisor VMDIR READY_FD GO_FD`, see qlaunch.supervisor.main). Spawning it
+    early lets its interpreter start while `start` prepares the VM; closing the go pipe
+    without a word (abort) makes it leave without touching anything."""
 
-    from qlaunch.spawn import spawn
+    def __init__(self, d: Path, fds: Sequence[int]) -> None:
+        import subprocess
 
-    rfd, wfd = os.pipe()
-    env = dict(os.environ)
-    # -S (no site) keeps the supervisor small; it needs only the standard library and us.
-    pkg_root = str(Path(state.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-S", "-m", "qlaunch.supervisor", str(d), str(wfd)]
-    try:
-        with open(d / "supervisor.log", "ab") as logf:
-            proc = spawn(
+        from qlaunch.spawn import spawn
+
+        self.d = d
+        self.ready_r, ready_w = os.pipe()
+        go_r, self.go_w = os.pipe()
+        env = dict(os.environ)
+        # -S (no site) keeps the supervisor small; it needs only the standard library and us.
+        pkg_root = str(Path(state.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+        argv = [sys.executable, "-S", "-m", "qlaunch.supervisor"]
+        argv += [str(d), str(ready_w), str(go_r)]
+        try:
+            # stderr is ours until it has the word (an import error shows where start runs);
+            # then it moves to supervisor.log, before it answers.
+            self.proc = spawn(
                 argv,
                 stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                pass_fds=[wfd, *fds],
+                stdout=subprocess.DEVNULL,
+                pass_fds=[ready_w, go_r, *fds],
                 new_session=True,
                 env=env,
             )
-        os.close(wfd)
-        wfd = -1
-        proc.wait()  # the first process forks the real supervisor and leaves at once
-        msg = read_ready(rfd, READY_TIMEOUT)
-    finally:
-        os.close(rfd)
-        if wfd >= 0:
-            os.close(wfd)
-    if msg is None:
-        tail = _file_tail(d / "supervisor.log")
-        raise QemuError(f"the supervisor of VM {d.name} died before QEMU was up: {tail}")
-    if not msg.get("ok"):
-        raise QemuError(
-            f"VM {d.name}: {msg.get('error')}",
-            hint="run `qlaunch cmdline` on the profile to see QEMU's argv",
-        )
+        except BaseException:
+            os.close(self.ready_r)
+            os.close(self.go_w)
+            raise
+        finally:
+            os.close(ready_w)
+            os.close(go_r)
+
+    def go_and_wait(self) -> None:
+        """Let it start QEMU; returns once QEMU runs and answered QMP, else QemuError."""
+        os.write(self.go_w, b"go\n")
+        self._close_go()
+        self.proc.wait()  # the first process forks the real supervisor and leaves at once
+        try:
+            msg = read_ready(self.ready_r, READY_TIMEOUT)
+        finally:
+            self._close_ready()
+        if msg is None:
+            tail = _file_tail(self.d / "supervisor.log")
+            raise QemuError(f"the supervisor of VM {self.d.name} died before QEMU was up: {tail}")
+        if not msg.get("ok"):
+            raise QemuError(
+                f"VM {self.d.name}: {msg.get('error')}",
+                hint="run `qlaunch cmdline` on the profile to see QEMU's argv",
+            )
+
+    def abort(self) -> None:
+        """No go: it leaves (a no-op once it has gone ahead)."""
+        self._close_go()
+        self._close_ready()
+        self.proc.wait()
+
+    def _close_go(self) -> None:
+        if self.go_w >= 0:
+            os.close(self.go_w)
+            self.go_w = -1
+
+    def _close_ready(self) -> None:
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+            self.ready_r = -1
 
 
 def _file_tail(path: Path, n: int = 3) -> str:

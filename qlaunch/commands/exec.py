@@ -126,7 +126,7 @@ class TerminalSink:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from qlaunch import matrix, testloop
+    from qlaunch import testloop
     from qlaunch.errors import UsageError
 
     if not args.guest_cmd and not args.matrix:
@@ -152,6 +152,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         console_log=args.console_log,
     )
     if args.matrix or len(args.profile) > 1:
+        # Threads and XML only where several runs need them: a single run starts sooner.
+        from qlaunch import matrix
+
         if args.console_log:
             raise UsageError("--console-log is for one run; several runs log one file each")
         if args.matrix:
@@ -182,6 +185,8 @@ def vars_of(spec: Any) -> dict[str, Any]:
 
 
 def _reports(args: argparse.Namespace, results: list[Any]) -> None:
+    if not (args.junit or args.json):
+        return
     from qlaunch import matrix
 
     if args.junit:

@@ -59,6 +59,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--paused", action="store_true", help="leave the guest paused (resume starts it)"
     )
+    p.add_argument(
+        "--runas",
+        metavar="USER",
+        help="QEMU drops root for USER once its files, sockets and cgroups are set up",
+    )
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("list", aliases=["ls"], help="list VMs (no QMP: fast)")
@@ -170,6 +175,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         cmd=args.guest_cmd or None,
         paused=args.paused,
         note=cli.note,
+        runas=args.runas,
     )
     print(vm.name)
     return 0
@@ -251,6 +257,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if st["failed_reason"]:
         out.append(("failed", st["failed_reason"]))
+    for dev in st.get("hotplug") or []:
+        what = dev.get("path") or f"{dev.get('mode')} NIC, MAC {dev.get('mac')}"
+        out.append(("hotplugged", f"{dev['id']}: {dev['kind']} {what}"))
     width = max(len(k) for k, _ in out)
     for k, v in out:
         print(f"{k + ':':<{width + 1}} {v}")
@@ -463,7 +472,8 @@ def _interactive(name: str, s: Any) -> int:
     cli.note(f"connected to the console of {name}; Ctrl-] detaches")
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        # TCSANOW, not the default TCSAFLUSH: what was typed ahead goes to the guest.
+        tty.setraw(fd, termios.TCSANOW)
         while True:
             r, _, _ = select.select([fd, s], [], [])
             if s in r:

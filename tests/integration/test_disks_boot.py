@@ -2,9 +2,10 @@
 
 Three boots in all:
 - one guest reads four disks converted raw -> qcow2 -> vdi -> vmdk and sees the same bytes;
-- a guest makes a file system on a disk its profile creates (`size`), writes files, syncs and
-  waits; meanwhile a second writer is refused, by qlaunch's check (naming the VM) and by QEMU's
-  own lock; then QEMU is killed with SIGKILL, and `qemu-img check` finds the image clean;
+- a VM started in the background (`qlaunch start`) makes a file system on a disk its profile
+  creates (`size`), writes files, syncs and waits; meanwhile a second writer is refused, by
+  qlaunch's check (naming the VM) and by QEMU's own lock; then QEMU is killed with SIGKILL, and
+  `qemu-img check` finds the image clean;
 - a guest boots again on that disk and reads the files back, writes one more and powers off;
   in the same boot it reads the cloud-init seed from its CD-ROM and writes to a throwaway disk
   whose base stays unchanged and which leaves no file behind.
@@ -12,22 +13,25 @@ Three boots in all:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
-import queue
 import shutil
+import signal
 import subprocess
-import threading
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from qlaunch import argv as argvmod
-from qlaunch import disks, host, image, profile, resolve
-from qlaunch.spawn import spawn, stop_child
+from qlaunch import host, image, profile, resolve
 
 pytestmark = pytest.mark.boot
 
@@ -81,64 +85,59 @@ def test_converted_formats_look_identical_to_the_guest(
 
 
 @dataclass
-class Guest:
+class Background:
+    """A VM `qlaunch start` runs, with its state in a directory of this test's own."""
+
+    qlaunch: list[str]
+    env: dict[str, str]
     name: str
-    proc: subprocess.Popen[bytes]
-    lines: queue.Queue[str]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.qlaunch, *args], capture_output=True, text=True, timeout=120, env=self.env
+        )
+
+    def pid(self) -> int:
+        vms = {v["name"]: v for v in json.loads(self.cli("list", "--json").stdout)}
+        return int(vms[self.name]["pid"])
 
     def expect(self, prefix: str, timeout: float = 120) -> str:
-        """The first console line starting with prefix (whatever came before is skipped)."""
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no {prefix!r} on the console of {self.name}") from None
-            if line.startswith(prefix):
-                return line
+        """The first console line that starts with prefix."""
+        log = Path(self.env["QLAUNCH_STATE"]) / self.name / "console.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            for line in text.splitlines():
+                if line.strip().startswith(prefix):
+                    return line.strip()
+            time.sleep(0.2)
+        raise AssertionError(f"no {prefix!r} on the console of {self.name}: {text[-2000:]}")
 
 
 @pytest.fixture
-def guest_on(tmp_path: Path) -> Iterator[object]:
-    """Boot a `default` guest in the background through the Python API; killed at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def boot(name: str, sets: list[str], script: str) -> Guest:
-        prof = profile.load("default", sets)
-        work = tmp_path / f"work-{name}"
-        work.mkdir()
-        files = resolve.boot_files(prof, ["sh", "-c", script], work)
-        rt = argvmod.Runtime(
-            name=name,
-            kernel=files.kernel,
-            initrd=files.initrd,
-            dtb=files.dtb,
-            disk_paths=disks.prepare_disks(prof, work),
-        )
-        argv = argvmod.build_argv(prof, host.probe(), rt)
-        proc = spawn(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        started.append(proc)
-        lines: queue.Queue[str] = queue.Queue()
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                lines.put(raw.decode(errors="replace").strip())
-
-        threading.Thread(target=pump, daemon=True).start()
-        return Guest(name, proc, lines)
-
-    yield boot
-    for proc in started:
-        stop_child(proc, grace=1.0)
+def background(qlaunch_bin: list[str]) -> Iterator[Background]:
+    # A short state root: socket paths must stay under 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="ql-disk-"))
+    vm = Background(
+        qlaunch_bin, {**os.environ, "QLAUNCH_STATE": str(root)}, f"holder-{uuid.uuid4().hex[:6]}"
+    )
+    try:
+        yield vm
+    finally:
+        # Whatever happened, no QEMU of this test outlives it.
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(str(root) in arg for arg in proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+        vm.cli("rm", "--force", vm.name)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_disk_lifecycle_lock_crash_safety_seed_and_throwaway(
-    qlaunch_bin: list[str], tmp_path: Path, guest_on
-) -> None:  # type: ignore[no-untyped-def]
+    qlaunch_bin: list[str], tmp_path: Path, background: Background
+) -> None:
     disk = tmp_path / "data.qcow2"
-    name = f"holder-{uuid.uuid4().hex[:6]}"
+    name = background.name
 
     # Boot 1: the profile's size creates the disk; the guest writes and syncs, then waits.
     write = (
@@ -147,15 +146,30 @@ def test_disk_lifecycle_lock_crash_safety_seed_and_throwaway(
         "dd if=/dev/urandom of=/mnt/blob bs=64k count=32 2>/dev/null && "
         'sync && echo "READY $(md5sum </mnt/blob | cut -d" " -f1)" && sleep 600'
     )
-    g = guest_on(name, [f"disk.0.path={disk}", "disk.0.size=64M"], write)
-    blob_md5 = g.expect("READY").split()[1]
-    assert image.info(disk).format == "qcow2"
+    r = background.cli(
+        "start",
+        "default",
+        "--name",
+        name,
+        "--set",
+        f"disk.0.path={disk}",
+        "--set",
+        "disk.0.size=64M",
+        "--",
+        "sh",
+        "-c",
+        write,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"created {disk} (qcow2, 64M) for [[disk]] #0, as its size asks" in r.stderr
+    blob_md5 = background.expect("READY").split()[1]
+    pid = background.pid()
 
     # A second writer: refused before QEMU starts, with the holder's name.
     r = run_guest(qlaunch_bin, [f"disk.0.path={disk}"], "true")
     assert r.returncode == 5, r.stderr
     assert (
-        f"qlaunch: error: disk #0 {disk} is in use by VM {name!r} (pid {g.proc.pid}); "
+        f"qlaunch: error: disk #0 {disk} is in use by VM {name!r} (pid {pid}); "
         "QEMU's lock refuses it (hint: stop it first: a disk is written by one VM at a time)"
     ) in r.stderr
     # A throwaway overlay needs a base nobody writes: refused as well.
@@ -179,8 +193,9 @@ def test_disk_lifecycle_lock_crash_safety_seed_and_throwaway(
     assert r.returncode == 5 and f"is in use by VM {name!r}" in r.stderr, r.stderr
 
     # Crash: SIGKILL to QEMU after the guest's sync. The image is consistent and holds the data.
-    g.proc.kill()
-    g.proc.wait()
+    holder = psutil.Process(pid)
+    os.kill(pid, signal.SIGKILL)
+    holder.wait(timeout=30)
     r = subprocess.run([*qlaunch_bin, "image", "check", str(disk)], capture_output=True, text=True)
     assert (r.returncode, r.stdout) == (0, f"{disk}: clean (qcow2)\n"), r.stderr
 

@@ -3,11 +3,15 @@ pause and resume, events, logs, stop by ACPI, stop again, rm."""
 
 from __future__ import annotations
 
+import os
+import select
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from vmlab import BOOT_TIMEOUT, BOOTED, jq, ok, ql, row, vmroot  # noqa: F401
+from vmlab import BOOT_TIMEOUT, BOOTED, QLAUNCH, jq, ok, ql, row, vmroot  # noqa: F401
 
 from qlaunch.vm import VM
 
@@ -50,7 +54,12 @@ def test_start_list_status_console_pause_stop(vmroot: Path) -> None:  # noqa: F8
     # ... and through the CLI, with stdin a pipe.
     out = ok("console", "life", input="echo via-cli-$((2 + 3))\n").stdout
     assert "via-cli-5" in out
+    # ... and on a terminal, where Ctrl-] detaches.
+    _console_on_a_terminal("life")
 
+    follower = subprocess.Popen(
+        [*QLAUNCH, "events", "life", "--follow", "--json"], stdout=subprocess.PIPE, text=True
+    )
     ok("pause", "life")
     assert _qmp("life", "query-status")["status"] == "paused"
     assert row("life")["state"] == "paused"
@@ -61,6 +70,8 @@ def test_start_list_status_console_pause_stop(vmroot: Path) -> None:  # noqa: F8
     last = {e: i for i, e in enumerate(events)}
     assert last["STOP"] < last["RESUME"], events
     assert "STOP" in ok("events", "life").stdout
+    seen = _lines_until(follower, '"event":"RESUME"', count=2)  # the first, and after pause
+    assert any('"event":"STOP"' in x for x in seen), seen
 
     # Arguments, errors and the HMP passthrough.
     hmp = _qmp("life", "human-monitor-command", '{"command-line": "info version"}')
@@ -77,8 +88,14 @@ def test_start_list_status_console_pause_stop(vmroot: Path) -> None:  # noqa: F8
     r = ql("rm", "life")
     assert r.returncode == 5 and "is running" in r.stderr
 
+    log_follower = subprocess.Popen(
+        [*QLAUNCH, "log", "life", "--follow"], stdout=subprocess.PIPE, text=True
+    )
     r = ok("stop", "life")
     assert "acpi powerdown: the guest powered off" in r.stderr
+    # Followers end by themselves once the VM has.
+    assert follower.wait(30) == 0 and log_follower.wait(30) == 0
+    assert log_follower.stdout is not None and "answer-42" in log_follower.stdout.read()
     info = row("life")
     assert info["state"] == "stopped" and info["pid"] is None
     last = jq("status", "life")["exits"][-1]
@@ -94,14 +111,69 @@ def test_start_list_status_console_pause_stop(vmroot: Path) -> None:  # noqa: F8
     assert r.returncode == 5 and "no VM named life" in r.stderr
 
 
-def test_bad_names_make_nothing(vmroot: Path) -> None:  # noqa: F811
+def test_bad_input_makes_nothing(vmroot: Path) -> None:  # noqa: F811
     for bad in ("a b", "x" * 65, "../up", "", "sémaphore"):
         r = ql("start", "default", "--name", bad)
         assert r.returncode == 2, (bad, r.stderr)
         assert "is not a VM name" in r.stderr
     r = ql("start", "no-such-profile", "--name", "fine")
     assert r.returncode == 2
+    # QEMU itself refuses: its own words, exit code 4, and nothing left behind.
+    r = ql("start", "default", "--name", "fine", "--set", 'qemu.extra=["-nosuchoption"]')
+    assert r.returncode == 4
+    assert "VM fine: qemu-system-x86_64: -nosuchoption: invalid option" in r.stderr
     assert [p.name for p in vmroot.iterdir() if not p.name.startswith(".")] == []
+    assert jq("list") == []
+
+
+def test_start_with_a_command_runs_it_and_ends(vmroot: Path) -> None:  # noqa: F811
+    ok("start", "default", "--name", "job", "--", "sh", "-c", "echo out-$((1 + 1)); exit 3")
+    live = VM.get("job").wait(BOOT_TIMEOUT)
+    assert live.state == "stopped"
+    st = jq("status", "job")
+    assert st["command_status"] == 3
+    assert st["exits"][-1]["reason"] == "guest-shutdown"
+    assert "out-2" in ok("log", "job").stdout
+
+
+def _console_on_a_terminal(name: str) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(
+        [*QLAUNCH, "console", name], stdin=slave, stdout=slave, stderr=subprocess.PIPE, text=True
+    )
+    os.close(slave)
+    try:
+        # Typing before it has put the terminal in raw mode would be flushed away.
+        assert p.stderr is not None
+        assert select.select([p.stderr], [], [], 30)[0]
+        assert "Ctrl-] detaches" in p.stderr.readline()
+        os.write(master, b"echo tty-$((3 * 3))\r")
+        got = b""
+        deadline = time.monotonic() + 60
+        while b"tty-9" not in got and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                got += os.read(master, 4096)
+        assert b"tty-9" in got, got
+        os.write(master, b"\x1d")
+        assert p.wait(10) == 0
+        assert "detached from life" in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+
+
+def _lines_until(p: subprocess.Popen[str], marker: str, count: int) -> list[str]:
+    assert p.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    while sum(marker in x for x in lines) < count:
+        assert time.monotonic() < deadline, lines
+        lines.append(p.stdout.readline())
+    return lines
 
 
 def _qmp(name: str, *args: str) -> object:

@@ -52,7 +52,9 @@ def reap_all(root: Path) -> None:
             state.wait_gone(rec.qemu.pid, rec.qemu.start_ticks, 10.0)
 
 
-def ql(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def ql(
+    *args: str, input: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """`qlaunch ARGS` in a child process, as a user would run it (stdin not a terminal)."""
     return subprocess.run(
         [*QLAUNCH, *args],
