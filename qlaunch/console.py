@@ -26,6 +26,7 @@ EXIT_BOOT_FAILURE = 118  # no qlaunch init: the kernel did not boot (--boot-fail
 INIT_MARKER = "QLAUNCH_INIT"
 EXIT_RE = re.compile(r"QLAUNCH_EXIT=(\d+)")
 FALLBACK_RE = re.compile(r"QLAUNCH_FALLBACK=(\S+)")
+NOTE_RE = re.compile(r"QLAUNCH_NOTE=(.*)")
 FRAME_OUT = b"QLAUNCH_O:"
 FRAME_ERR = b"QLAUNCH_E:"
 HALT_RE = re.compile(r"reboot: (System halted|Power down)")
@@ -136,6 +137,7 @@ class ConsoleScanner:
     halted: bool = False
     finding: Finding | None = None
     warnings: list[str] = field(default_factory=list)  # WARNING lines seen without --fail-on-warn
+    notes: list[str] = field(default_factory=list)  # the guest init's complaints (QLAUNCH_NOTE=)
     lines_seen: int = 0
     _partial: bytes = b""
 
@@ -183,6 +185,10 @@ class ConsoleScanner:
         m = FALLBACK_RE.search(line)
         if m:
             self.fallback = m.group(1)
+            return
+        m = NOTE_RE.search(line)
+        if m:
+            self.notes.append(m.group(1).strip())
             return
         console.append(raw + b"\n")
         previous = self.tail[-1] if self.tail else ""

@@ -373,7 +373,7 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
     if disp["type"] == "vnc" and board.virtio == "":
         raise ProfileError(f"{source}: [display] type: {machine} has no display qlaunch can drive")
 
-    disks = []
+    disks: list[Disk] = []
     for n, d in enumerate(_entries(source, data, "disk")):
         if not d["path"]:
             raise ProfileError(f"{source}: [[disk]] #{n} path: required")

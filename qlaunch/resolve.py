@@ -66,10 +66,11 @@ def boot_files(profile: Profile, cmd: list[str] | None, workdir: Path) -> BootFi
     sdcard.check_images(profile)
     initrd = files.initrd
     if initrd == "qlaunch":
-        from qlaunch import assets, initramfs
+        from qlaunch import assets, boards, initramfs
 
         aset = assets.require(asset_set_of(profile))
-        modules = list(initramfs.DEFAULT_MODULES.get(aset.arch, [])) + list(profile.boot.modules)
+        defaults = initramfs.DEFAULT_MODULES.get(aset.arch, [])
+        modules = boards.guest_modules(profile.board, defaults) + list(profile.boot.modules)
         base = initramfs.build_initramfs(aset, modules)
         initrd = str(base)
         if cmd:

@@ -451,6 +451,8 @@ class Supervisor:
             os.close(self.events_fd)
             self.events_fd = -1
         state.remove_sockets(self.d)
+        if self.rec.cleanup:
+            _site_packages()
         errors = state.run_cleanup(self.d, self.rec, who="supervisor")
 
         def ch(r: state.Record) -> None:
@@ -516,6 +518,16 @@ class Supervisor:
                     self.finish(state.FAILED, f"restart failed: {error}")
                     return 0
                 ex = last
+
+
+def _site_packages() -> None:
+    """Cleanup hooks may import third-party packages (qlaunch.net.attach:release_nics needs
+    pyroute2 and psutil). `-S` keeps site-packages off sys.path while the supervisor runs, to
+    keep it small; at its end it can afford them."""
+    if sys.flags.no_site:
+        import site
+
+        site.main()
 
 
 def wait_for_go(go_fd: int) -> bool:

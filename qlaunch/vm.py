@@ -297,6 +297,7 @@ class VM:
         lock_timeout: float = 30.0,
         base: Path | None = None,
         runas: str | None = None,
+        netns: str | None = None,
     ) -> VM:
         """Start a VM in the background; returns once QEMU runs and has answered QMP.
 
@@ -312,6 +313,9 @@ class VM:
           "args": [...], "what": "..."} (see state.run_cleanup).
         note: called with one-line remarks (why TCG was picked...).
         runas: QEMU drops root for this user once its files are open (-runas; needs root).
+        netns: a network namespace (/run/netns/NAME) that the supervisor and QEMU run in, with
+          the taps and networks of the profile's NICs; default $QLAUNCH_NETNS. Recorded, so
+          later calls (and the cleanup when the VM ends) need not name it.
         A VM of the same name that has stopped is replaced; a live one is an error.
         """
         return _launch(
@@ -327,6 +331,7 @@ class VM:
             lock_timeout=lock_timeout,
             base=base,
             runas=runas,
+            netns=netns,
         )
 
     # -- looking
@@ -376,6 +381,8 @@ class VM:
             exits=[dict(asdict(e), describe=e.describe()) for e in rec.exits[-5:]],
             failed_reason=rec.failed_reason,
             hotplug=rec.extra.get("hotplug", []),
+            netns=rec.extra.get("netns"),
+            nics=_nics_status(rec),
             command_status=self.command_status(),
             qmp=None,
             qmp_error=None,
@@ -568,6 +575,19 @@ class VM:
                 raise
 
 
+def _nics_status(rec: Record) -> list[dict[str, Any]]:
+    """The NICs as started (mode, network, tap, MAC), each with the address dnsmasq leased
+    it, if any."""
+    nics = [dict(n) for n in rec.extra.get("nics") or []]
+    if any(n.get("network") for n in nics):
+        from qlaunch.net import attach
+
+        leased = attach.leases_of(nics, rec.extra.get("netns"))
+        for n in nics:
+            n["lease"] = leased.get(n.get("mac", ""))
+    return nics
+
+
 def default_name(profile_name: str) -> str:
     base = re.sub(r"[^A-Za-z0-9_-]", "-", profile_name)[:50] or "vm"
     return f"{base}-{os.urandom(3).hex()}"
@@ -632,6 +652,7 @@ def _launch(
     lock_timeout: float,
     base: Path | None,
     runas: str | None = None,
+    netns: str | None = None,
 ) -> VM:
     from qlaunch import argv as argvmod
     from qlaunch import host
@@ -658,11 +679,15 @@ def _launch(
     d = r / name
     for sock in ("qmp.sock", "console.sock"):
         state.check_socket_path(d / sock)
+    ns = _netns(netns)
     if accel_note and note:
         note(accel_note)
     # The supervisor's interpreter starts while we get the VM ready; it waits for our word.
     # Not when it must inherit fds (taps) that do not exist yet.
-    early = None if fds or _needs_taps(prof) else SupervisorHandle(d, ())
+    early = None
+    if not fds and not _needs_taps(prof):
+        with _in_netns(ns):
+            early = SupervisorHandle(d, ())
     try:
         with state.locked(name, "start", lock_timeout, r):
             _clear_previous(d)
@@ -671,7 +696,7 @@ def _launch(
                 d.mkdir(mode=0o700)
                 try:
                     _build_and_run(
-                        d, prof, facts, restart, cmd, paused, fds, cleanup, note, runas, early
+                        d, prof, facts, restart, cmd, paused, fds, cleanup, note, runas, early, ns
                     )
                 except BaseException:
                     _undo_start(d)
@@ -686,6 +711,25 @@ def _launch(
 
 def _needs_taps(prof: Profile) -> bool:
     return any(n.mode in ("network", "bridge") for n in prof.nets)
+
+
+def _netns(name: str | None) -> str | None:
+    """The namespace to start in: name, else $QLAUNCH_NETNS; checked to exist. The netns
+    module (ctypes) is imported only when a namespace is asked for."""
+    if name is None and not os.environ.get("QLAUNCH_NETNS"):
+        return None
+    from qlaunch.net import netns
+
+    return netns.require(netns.from_env(name))
+
+
+def _in_netns(ns: str | None) -> contextlib.AbstractContextManager[None]:
+    """Processes spawned in the body live in namespace ns (None: ours)."""
+    if ns is None:
+        return contextlib.nullcontext()
+    from qlaunch.net import netns
+
+    return netns.entered(ns)
 
 
 def _clear_previous(d: Path) -> None:
@@ -719,6 +763,7 @@ def _build_and_run(
     note: Note | None,
     runas: str | None = None,
     early: SupervisorHandle | None = None,
+    ns: str | None = None,
 ) -> None:
     from qlaunch import argv as argvmod
     from qlaunch import resolve, resources
@@ -733,12 +778,10 @@ def _build_and_run(
         disk_paths = disks.prepare_disks(prof, d, note=note)
     hooks = [dict(h) for h in cleanup]
     nics: Any = None
-    ns: str | None = None
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"netns": ns} if ns else {}
     if prof.nets:
-        from qlaunch.net import attach, netns
+        from qlaunch.net import attach
 
-        ns = netns.from_env(None)
         nics = attach.prepare_nics(prof, name, ns)
         extra["nics"] = nics.record
         if any(n.get("network") for n in nics.record):
@@ -806,13 +849,10 @@ def _build_and_run(
         state.log(d, f"start: profile {prof.name}, restart policy {restart}")
         if early is not None and not all_fds:
             sup = early
-        elif nics is not None and nics.fds:
-            from qlaunch.net import netns
-
-            with netns.entered(ns):
-                sup = SupervisorHandle(d, all_fds)
         else:
-            sup = SupervisorHandle(d, all_fds)
+            # QEMU must run where its taps are: the supervisor (its parent) starts there.
+            with _in_netns(ns):
+                sup = SupervisorHandle(d, all_fds)
         sup.go_and_wait()
     except BaseException:
         if nics is not None:

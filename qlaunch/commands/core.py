@@ -77,7 +77,7 @@ def cmd_cmdline(args: argparse.Namespace) -> int:
 
 def _qlaunch_initrd(prof: Any) -> str:
     """The built initramfs's path if the assets are there; else a placeholder that says so."""
-    from qlaunch import assets, initramfs, resolve
+    from qlaunch import assets, boards, initramfs, resolve
     from qlaunch.errors import AssetError
 
     set_name = resolve.asset_set_of(prof)
@@ -85,7 +85,8 @@ def _qlaunch_initrd(prof: Any) -> str:
         aset = assets.require(set_name)
     except AssetError:
         return f"<qlaunch initramfs for {set_name}: run qlaunch assets fetch --arch {set_name}>"
-    modules = list(initramfs.DEFAULT_MODULES.get(aset.arch, [])) + list(prof.boot.modules)
+    defaults = initramfs.DEFAULT_MODULES.get(aset.arch, [])
+    modules = boards.guest_modules(prof.board, defaults) + list(prof.boot.modules)
     return str(initramfs.build_initramfs(aset, modules))
 
 

@@ -20,6 +20,8 @@ EXAMPLES = """\
 examples:
   qlaunch start default --name web                  boot in the background; prints the name
   qlaunch start default --name job -- make check    run a command in the guest, then power off
+  qlaunch start default --name db --netns lab0 --set net.0.mode=network --set net.0.network=lan
+                                                    on network lan, inside namespace lab0
   qlaunch list                                      name, state, pid, uptime, CPU, RSS, restarts
   qlaunch status web --json                         plus query-status, QEMU version, last exits
   qlaunch console web                               the serial console (Ctrl-] detaches)
@@ -63,6 +65,12 @@ def register(sub: Any) -> None:
         "--runas",
         metavar="USER",
         help="QEMU drops root for USER once its files, sockets and cgroups are set up",
+    )
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="run QEMU in network namespace NAME (ip netns add NAME), with its taps and "
+        "networks (default: $QLAUNCH_NETNS); later commands find the VM without it",
     )
     p.set_defaults(func=cmd_start)
 
@@ -176,6 +184,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         paused=args.paused,
         note=cli.note,
         runas=args.runas,
+        netns=args.netns,
     )
     print(vm.name)
     return 0
@@ -257,6 +266,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if st["failed_reason"]:
         out.append(("failed", st["failed_reason"]))
+    if st.get("netns"):
+        out.append(("netns", st["netns"]))
+    for i, nic in enumerate(st.get("nics") or []):
+        out.append((f"nic {i}", _nic_line(nic)))
     for dev in st.get("hotplug") or []:
         what = dev.get("path") or f"{dev.get('mode')} NIC, MAC {dev.get('mac')}"
         out.append(("hotplugged", f"{dev['id']}: {dev['kind']} {what}"))
@@ -269,6 +282,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
             print(f"  {when}  pid {e['pid']}: {e['describe']}")
     return 0
+
+
+def _nic_line(nic: dict[str, Any]) -> str:
+    if nic.get("network"):
+        head = f"network {nic['network']}"
+    elif nic.get("bridge"):
+        head = f"host bridge {nic['bridge']}"
+    else:
+        head = str(nic.get("mode", "?"))
+    parts = [head, nic.get("tap") and f"tap {nic['tap']}"]
+    parts += [f"MAC {nic.get('mac')}", nic.get("lease") and f"leased {nic['lease']}"]
+    return ", ".join(str(x) for x in parts if x)
 
 
 def _sup(s: dict[str, Any]) -> str:

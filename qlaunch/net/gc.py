@@ -6,17 +6,21 @@
 - Bridges of ours (by their alias) that no network here owns.
 - Persistent taps of ours (qlaunch makes none; a crashed older version or a user might).
 - The nftables table, rewritten to hold only networks that are up.
+- Runtime state of namespaces that were deleted (`ip netns del`) with no VM left in them: the
+  bridges and taps went with the namespace, but its dnsmasq processes live on (and keep it
+  alive, unnamed) until they are ended.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlaunch import paths
-from qlaunch.errors import HostError
+from qlaunch.errors import HostError, StateError
 from qlaunch.net import dhcp, links, nat, netns, runtime
 
 BRIDGE_ALIAS = f"{links.ALIAS_PREFIX}network="
@@ -42,9 +46,51 @@ class GcReport:
 
 def collect(ns: str | None) -> GcReport:
     report = GcReport()
-    with netns.entered(ns), runtime.locked(ns):
-        _collect(ns, report)
+    if ns is None or netns.exists(ns):  # a deleted one is swept below, with the others
+        with netns.entered(ns), runtime.locked(ns):
+            _collect(ns, report)
+    _vanished(report)
     return report
+
+
+def _vanished(report: GcReport) -> None:
+    for space in namespaces_with_state():
+        if space is None or netns.exists(space):
+            continue
+        users = _vms_in(space)
+        if users:
+            report.problems.append(
+                f"network namespace {space} was deleted, but VM {', '.join(users)} still "
+                "runs in it; its networks are left up until it ends"
+            )
+            continue
+        with runtime.locked(space):
+            for name, a in runtime.active(space).items():
+                pid = dhcp.running_pid(a.rundir)
+                if dhcp.stop(a.rundir) and pid is not None:
+                    report.dnsmasq.append(pid)
+                for vm in sorted({x.vm for x in runtime.attachments(a.rundir)}):
+                    if vm not in report.vms:
+                        report.vms.append(vm)
+                report.networks.append(f"{name} (deleted netns {space})")
+            report.dnsmasq += _orphan_dnsmasq(space)
+            shutil.rmtree(runtime.ns_dir(space), ignore_errors=True)
+
+
+def _vms_in(space: str) -> list[str]:
+    """Background VMs, alive, that were started in namespace SPACE."""
+    from qlaunch import state
+
+    out = []
+    root = state.root()
+    for name in state.names(root):
+        try:
+            live = state.inspect(root / name)
+        except StateError:
+            continue
+        if live.alive and live.record.extra.get("netns") == space:
+            out.append(name)
+    return out
 
 
 def _collect(ns: str | None, report: GcReport) -> None:

@@ -49,6 +49,16 @@ def exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
 
 
+def require(name: str | None) -> str | None:
+    """NAME if that namespace exists (None passes): lets a start refuse a missing namespace
+    before it has made anything."""
+    if name is not None and not exists(validate(name)):
+        raise HostError(
+            f"no network namespace {name!r}", hint=f"create it with: ip netns add {name}"
+        )
+    return name
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()

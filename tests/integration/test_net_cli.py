@@ -197,6 +197,12 @@ def test_bad_input_is_refused(run_cli, tmp_path: Path, monkeypatch) -> None:  # 
     code, _, err = run_cli("net", "list", "--netns", "qlaunch-no-such-ns")
     assert code == 3 and "no network namespace 'qlaunch-no-such-ns'" in err
     assert not (tmp_path / "config" / "networks" / "lan.toml").exists()
+    # A start in a namespace that does not exist makes nothing.
+    code, _, err = run_cli("start", "default", "--name", "x", "--netns", "qlaunch-no-such-ns")
+    assert code == 3 and "no network namespace 'qlaunch-no-such-ns'" in err
+    assert not (tmp_path / "state" / "x").exists()
+    code, _, err = run_cli("start", "default", "--name", "x", "--netns", "no/such")
+    assert code == 2 and "not a network namespace name" in err
 
 
 def test_taps_on_a_host_bridge_and_their_rollback(run_cli, ns: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -232,3 +238,36 @@ def test_taps_on_a_host_bridge_and_their_rollback(run_cli, ns: str, tmp_path: Pa
     with pytest.raises(StateError, match="bridge nobr does not exist here"):
         attach.prepare_nics(prof, "vm_c", ns)
     assert sorted(links_of(ns)) == ["br0", "lo"]
+
+
+def test_gc_after_the_namespace_was_deleted(run_cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`ip netns del` takes the bridge along but not dnsmasq, which keeps the namespace alive,
+    unnamed: `net gc` ends it and forgets the namespace's state."""
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    state = tmp_path / "state"
+    monkeypatch.setenv("QLAUNCH_STATE", str(state))
+    name = f"qlt-{uuid.uuid4().hex[:6]}"
+    ip("netns", "add", name)
+    try:
+        assert run_cli("net", "create", "lan", "--subnet", "10.77.0.0/24")[0] == 0
+        assert run_cli("net", "start", "lan", "--netns", name)[0] == 0
+        pids = dnsmasq_pids(state)
+        assert len(pids) == 1
+    finally:
+        ip("netns", "del", name)
+    try:
+        code, out, err = run_cli("net", "gc", "--json")
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["networks_taken_down"] == [f"lan (deleted netns {name})"]
+        assert report["dnsmasq_killed"] == pids
+        assert dnsmasq_pids(state) == []
+        assert not (state / ".networks" / name).exists()
+        code, out, _ = run_cli("net", "gc")
+        assert (code, out) == (0, "nothing to collect\n")
+    finally:
+        for pid in dnsmasq_pids(state):
+            os.kill(pid, 9)

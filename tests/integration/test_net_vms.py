@@ -10,15 +10,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from netlab import Guest, boot, namespace, upstream_of, wait_until
+from vmlab import BOOT_TIMEOUT, BOOTED, QLAUNCH, jq, ok, reap_all, row
 
+from qlaunch import state
 from qlaunch.argv import stable_mac
-from qlaunch.net import attach, dhcp, netns, runtime
+from qlaunch.net import dhcp, nat, netns, runtime
 
 pytestmark = [pytest.mark.net, pytest.mark.boot]
 
@@ -54,60 +59,164 @@ def tap_names(ns: str) -> set[str]:
         return runtime.live_taps(ipr)
 
 
-def test_two_vms_on_a_nat_network(run_cli, lab: tuple[str, Path]) -> None:  # type: ignore[no-untyped-def]
-    ns, work = lab
-    assert run_cli("net", "create", "lan", "--subnet", "10.77.0.0/24")[0] == 0
-    with upstream_of(ns, work / "state") as up:
-        # Static leases; b finds a by its name.
-        a = boot(
-            "vma",
-            ns,
-            work,
-            ["net.0.mode=network", "net.0.network=lan", "net.0.ip=10.77.0.10"],
-            PROBE.format(gw="10.77.0.1", peer="10.77.0.11", linger=4),
-        )
-        b = boot(
-            "vmb",
-            ns,
-            work,
-            ["net.0.mode=network", "net.0.network=lan", "net.0.ip=10.77.0.11"],
-            # By name: dnsmasq answers for the VMs it knows.
-            PROBE.format(gw="10.77.0.1", peer="vma", linger=4),
-        )
-        macs = {g.name: g.nics.record[0]["mac"] for g in (a, b)}
-        assert {g.name: g.nics.record[0]["tap"] for g in (a, b)} == {
-            "vma": "qt-vma-0",
-            "vmb": "qt-vmb-0",
-        }
-        assert tap_names(ns) == {"qt-vma-0", "qt-vmb-0"}
-        shown = net_show(run_cli, ns, "lan")
-        assert shown["vms"] == ["vma", "vmb"]
-        consoles = {g.name: g.wait() for g in (a, b)}
-    for name, ip in (("vma", "10.77.0.10"), ("vmb", "10.77.0.11")):
-        out = consoles[name]
-        assert f"inet {ip}/24" in out, out[-2000:]
-        assert "GATEWAY_OK" in out and "PEER_OK" in out, out[-2000:]
-        # NAT: the upstream host sees the namespace's address, not the VM's.
-        assert "seen-as 198.51.100.1" in out, out[-2000:]
-        assert "QLAUNCH_EXIT=0" in out
-    assert up.seen == ["198.51.100.1", "198.51.100.1"]
-
-    # Both leases were dnsmasq's, for the stable MACs; the taps went with QEMU.
-    leases = {x["mac"]: x["ip"] for x in net_show(run_cli, ns, "lan")["leases"]}
-    assert leases == {macs["vma"]: "10.77.0.10", macs["vmb"]: "10.77.0.11"}
-    assert tap_names(ns) == set()
-    assert net_show(run_cli, ns, "lan")["vms"] == []
-    # What the supervisor does when a VM ends: nothing of the VM stays with dnsmasq.
-    for g in (a, b):
-        assert [x["vm"] for x in attach.release_nics(g.name, ns)] == [g.name]
-    rundir = runtime.run_dir(ns, "lan")
+@pytest.fixture
+def bglab(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A namespace and a state root (short: socket paths) for background VMs; every
+    supervisor and QEMU recorded there is ended before the namespace goes."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces and taps need root")
+    root = Path(tempfile.mkdtemp(prefix="qlnet-", dir="/tmp"))
+    monkeypatch.setenv("QLAUNCH_STATE", str(root))
     try:
-        wait_until(lambda: dhcp.leases(rundir) == [], 5, "the leases to be released")
-    except AssertionError:
-        print((rundir / "dnsmasq.log").read_text())
-        raise
-    assert dhcp.read_hosts(rundir) == []
-    assert net_show(run_cli, ns, "lan")["attachments"] == []
+        with namespace("qlt", root) as ns:
+            try:
+                yield ns, root
+            finally:
+                reap_all(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# Typed on a VM's console. The quotes keep the echo of the typed line from matching.
+CONSOLE_PROBE = (
+    "ping -c 2 -W 2 10.77.0.1 >/dev/null && echo GW_'OK'; "
+    "for i in 1 2 3 4 5; do ping -c 1 -W 2 {peer} >/dev/null && break; done && echo PEER_'OK'; "
+    "nc -w 5 198.51.100.2 7777 </dev/null; echo PROBE_'DONE'\n"
+)
+LAN = ["--set", "net.0.mode=network", "--set", "net.0.network=lan"]
+
+
+def leftovers(ns: str, vm: str, mac: str, tap: str) -> list[str]:
+    """What of VM is still on network lan in NS: its tap, dnsmasq's static lease, name or
+    lease for its MAC, its record, a rule naming its tap."""
+    rundir = runtime.run_dir(ns, "lan")
+    found = []
+    if tap in tap_names(ns):
+        found.append(f"tap {tap}")
+    found += [f"hosts entry {h.line()}" for h in dhcp.read_hosts(rundir) if h.mac == mac]
+    found += [f"lease {x.ip}" for x in dhcp.leases(rundir) if x.mac == mac]
+    if runtime.vm_record(rundir, vm).exists():
+        found.append("attachment record")
+    with netns.entered(ns):
+        if tap in nat.listing():
+            found.append("nft rule")
+    return found
+
+
+def booted(name: str) -> bool:
+    return BOOTED in ok("log", name).stdout
+
+
+def test_background_vms_on_a_nat_network(run_cli, bglab: tuple[str, Path]) -> None:  # type: ignore[no-untyped-def]
+    """`qlaunch start --netns` (and $QLAUNCH_NETNS): two VMs get leases and reach each other,
+    the gateway and, through NAT, an upstream host; every later command finds them without
+    the flag; and after kill -9 of QEMU, kill -9 of the supervisor, and `stop`, nothing of
+    the VM stays with the network."""
+    ns, root = bglab
+    assert run_cli("net", "create", "lan", "--subnet", "10.77.0.0/24")[0] == 0
+    with upstream_of(ns, root) as up:
+        ok("start", "default", "--name", "vma", "--netns", ns, *LAN, "--set", "net.0.ip=10.77.0.10")
+        r = subprocess.run(
+            [*QLAUNCH, "start", "default", "--name", "vmb", *LAN],
+            env={**os.environ, "QLAUNCH_NETNS": ns},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: booted("vma") and booted("vmb"), BOOT_TIMEOUT, "both VMs to boot")
+
+        # Taps in the namespace only, named per VM; status shows namespace and lease.
+        assert tap_names(ns) == {"qt-vma-0", "qt-vmb-0"}
+        assert (
+            "qt-vma-0"
+            not in subprocess.run(["ip", "-o", "link"], capture_output=True).stdout.decode()
+        )
+        st = {n: jq("status", n) for n in ("vma", "vmb")}
+        for n in ("vma", "vmb"):
+            assert st[n]["state"] == "running" and st[n]["netns"] == ns
+            nic = st[n]["nics"][0]
+            assert (nic["network"], nic["tap"], nic["mac"]) == (
+                "lan",
+                f"qt-{n}-0",
+                stable_mac(n, 0),
+            )
+        assert st["vma"]["nics"][0]["lease"] == "10.77.0.10"
+        b_ip = st["vmb"]["nics"][0]["lease"]
+        assert b_ip and int(b_ip.rsplit(".", 1)[1]) >= 128  # from the dynamic pool
+        assert "nic 0:      network lan, tap qt-vma-0" in ok("status", "vma").stdout
+        assert {r["name"]: r["state"] for r in jq("list")} == {"vma": "running", "vmb": "running"}
+        # QMP sees the NIC with the MAC qlaunch recorded.
+        filt = json.loads(ok("qmp", "vma", "query-rx-filter").stdout)
+        assert [f["main-mac"] for f in filt] == [stable_mac("vma", 0)]
+
+        # Through the console: gateway, the peer (b finds a by name), and the upstream host.
+        ok("console", "vma", input=CONSOLE_PROBE.format(peer=b_ip))
+        ok("console", "vmb", input=CONSOLE_PROBE.format(peer="vma"))
+        wait_until(
+            lambda: all("PROBE_DONE" in ok("log", n).stdout for n in ("vma", "vmb")),
+            90,
+            "the console probes",
+        )
+        for n in ("vma", "vmb"):
+            out = ok("log", n).stdout
+            assert "GW_OK" in out and "PEER_OK" in out, out[-2000:]
+            # NAT: the upstream host sees the namespace's address, not the VM's.
+            assert "seen-as 198.51.100.1" in out, out[-2000:]
+        assert up.seen == ["198.51.100.1", "198.51.100.1"]
+
+    code, _, err = run_cli("net", "delete", "lan")
+    assert code == 5 and f"network lan is in use by VMs: vma, vmb (netns {ns})" in err
+    mac_a = stable_mac("vma", 0)
+    assert leftovers(ns, "vma", mac_a, "qt-vma-0") == [
+        "tap qt-vma-0",
+        f"hosts entry {mac_a},10.77.0.10,vma",
+        "lease 10.77.0.10",
+        "attachment record",
+    ]
+
+    # 1. kill -9 of QEMU: its supervisor cleans up.
+    ok("kill", "vma")
+    wait_until(lambda: row("vma")["state"] == "stopped", 30, "vma to stop")
+    wait_until(
+        lambda: not leftovers(ns, "vma", stable_mac("vma", 0), "qt-vma-0"), 10, "vma's cleanup"
+    )
+    life = ok("log", "vma", "--lifecycle").stdout
+    assert re.search(r"supervisor\[\d+\]: cleanup: release the VM's NICs: done", life), life
+
+    # 2. kill -9 of the supervisor: QEMU runs on with its tap; `stop` cleans up.
+    sup = row("vmb")["supervisor_pid"]
+    sup_proc = state.proc_of(sup)
+    assert sup_proc is not None
+    os.kill(sup, signal.SIGKILL)
+    assert state.wait_gone(sup, sup_proc.start_ticks, 10)
+    assert row("vmb")["state"] == "running" and "qt-vmb-0" in tap_names(ns)
+    r = ok("stop", "vmb", "--force")
+    assert "recorded the exit from /proc" in r.stderr
+    wait_until(
+        lambda: not leftovers(ns, "vmb", stable_mac("vmb", 0), "qt-vmb-0"), 10, "vmb's cleanup"
+    )
+    life = ok("log", "vmb", "--lifecycle").stdout
+    assert re.search(r"qlaunch\[\d+\]: cleanup: release the VM's NICs: done", life), life
+
+    # 3. `qlaunch stop`: the same name, tap and address again, then an ACPI stop.
+    ok("rm", "vma", "vmb")
+    ok("start", "default", "--name", "vma", "--netns", ns, *LAN, "--set", "net.0.ip=10.77.0.10")
+    wait_until(lambda: booted("vma"), BOOT_TIMEOUT, "vma to boot again")
+    assert jq("status", "vma")["nics"][0]["lease"] == "10.77.0.10"
+    r = ok("stop", "vma")
+    assert "acpi powerdown: the guest powered off" in r.stderr
+    wait_until(
+        lambda: not leftovers(ns, "vma", stable_mac("vma", 0), "qt-vma-0"), 10, "vma's cleanup"
+    )
+    assert tap_names(ns) == set()
+    ok("rm", "vma")
+
+    # Nothing for gc; the network is free to go.
+    code, out, _ = run_cli("net", "gc", "--json", "--netns", ns)
+    assert code == 0 and json.loads(out)["vms_released"] == []
+    assert run_cli("net", "delete", "lan")[0] == 0
+    assert not runtime.run_dir(ns, "lan").exists()
 
 
 def test_run_with_route_mode_and_an_isolated_nic(  # type: ignore[no-untyped-def]

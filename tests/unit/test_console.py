@@ -132,8 +132,15 @@ def test_framed_output_is_split_and_never_judged() -> None:
 
 def test_markers_are_read_and_hidden() -> None:
     s = ConsoleScanner()
-    chunk = feed_lines(s, "QLAUNCH_INIT", "QLAUNCH_FALLBACK=no-ports", "QLAUNCH_EXIT=42")
+    chunk = feed_lines(
+        s,
+        "QLAUNCH_INIT",
+        "QLAUNCH_FALLBACK=no-ports",
+        "QLAUNCH_NOTE=cannot mount 9p share qlshare0 on /src",
+        "QLAUNCH_EXIT=42",
+    )
     assert (s.booted, s.fallback, s.status) == (True, "no-ports", 42)
+    assert s.notes == ["cannot mount 9p share qlshare0 on /src"]
     assert chunk.console == b""
 
 
