@@ -10,9 +10,11 @@ releases), an EFI zboot image ("zimg" at 4, arm64 and others), and ELF vmlinux f
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 # ELF e_machine values for the architectures qlaunch boots.
@@ -89,6 +91,38 @@ def kernel_release(path: str | Path) -> str | None:
                 text = f.read(256).split(b"\0", 1)[0]
                 release = text.split(b" ", 1)[0].decode("ascii", "replace")
                 return release or None
+    return _banner_release(p)
+
+
+def _banner_release(p: Path) -> str | None:
+    found = _remembered(p, "kernel-release", lambda: (_search_banner(p) or "").encode())
+    return found.decode() or None
+
+
+def _remembered(p: Path, kind: str, compute: Callable[[], bytes]) -> bytes:
+    """compute()'s answer for this file, kept in the cache by the file's identity: finding a
+    banner or an embedded config means reading (and perhaps inflating) tens of megabytes, and
+    `qlaunch exec` asks on every run. b"" stands for "none"."""
+    import hashlib
+
+    from qlaunch.paths import cache_dir
+
+    st = p.stat()
+    key = hashlib.sha256(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_dir() / kind / key[:24]
+    try:
+        return memo.read_bytes()
+    except FileNotFoundError:
+        pass
+    found = compute()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_bytes(found)
+    os.replace(tmp, memo)
+    return found
+
+
+def _search_banner(p: Path) -> str | None:
     data = p.read_bytes()
     if data[:2] == b"\x1f\x8b":
         try:
@@ -180,8 +214,8 @@ def find_config(
     for c in candidates:
         if c.is_file():
             return c
-    embedded = ikconfig(k)
-    if embedded is None:
+    embedded = _remembered(k, "ikconfig", lambda: ikconfig(k) or b"")
+    if not embedded:
         return None
     out = workdir / "ikconfig"
     out.write_bytes(embedded)

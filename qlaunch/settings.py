@@ -226,7 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
         "mode",
         str,
         "user",
-        "user (NAT by QEMU), none, network (a qlaunch network)",
+        "user (NAT inside QEMU), none, network (a qlaunch network), bridge (a host bridge)",
         ("user", "none", "network", "bridge"),
     ),
     Setting(

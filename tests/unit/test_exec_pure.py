@@ -56,11 +56,17 @@ def test_detect_arch(tmp_path: Path, data: bytes, arch: str | None) -> None:
     assert kernel.detect_arch(f) == arch
 
 
-def test_kernel_release(tmp_path: Path) -> None:
+def test_kernel_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QLAUNCH_CACHE", str(tmp_path / "cache"))
     (tmp_path / "bz").write_bytes(bzimage())
     (tmp_path / "img").write_bytes(arm64_image())
     assert kernel.kernel_release(tmp_path / "bz") == "6.9.0-test"
     assert kernel.kernel_release(tmp_path / "img") == "6.1.0-50-arm64"
+    # Remembered per file (identity), so the next exec need not read the image again.
+    assert len(list((tmp_path / "cache" / "kernel-release").iterdir())) == 1
+    (tmp_path / "gz").write_bytes(gzip.compress(b"no banner here"))
+    assert kernel.kernel_release(tmp_path / "gz") is None
+    assert kernel.kernel_release(tmp_path / "gz") is None
 
 
 def test_find_modules_dir_takes_the_usual_shapes(tmp_path: Path) -> None:
@@ -78,7 +84,10 @@ def test_find_modules_dir_takes_the_usual_shapes(tmp_path: Path) -> None:
         kernel.find_modules_dir(tmp_path / "lib" / "modules" / "6.1.0-1" / "kernel", None)
 
 
-def test_find_config_in_a_build_tree_and_ikconfig(tmp_path: Path) -> None:
+def test_find_config_in_a_build_tree_and_ikconfig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QLAUNCH_CACHE", str(tmp_path / "cache"))
     boot = tmp_path / "linux" / "arch" / "x86" / "boot"
     boot.mkdir(parents=True)
     (boot / "bzImage").write_bytes(bzimage())
