@@ -76,9 +76,11 @@ def choose_accel(profile: Profile, host: HostFacts) -> tuple[str, str | None]:
     return "tcg", f"using TCG (software emulation): {verdict.reason}"
 
 
-def kernel_cmdline(profile: Profile, rt: Runtime) -> str:
+def kernel_cmdline(profile: Profile, rt: Runtime, tsc_khz: int | None = None) -> str:
     board = profile.board
     args = [f"console={profile.console_tty}", "panic=-1", *board.append]
+    if tsc_khz:
+        args.append(f"tsc_early_khz={tsc_khz}")
     if profile.boot.quiet:
         args.append("quiet")
     if profile.boot.initrd == "qlaunch" and any(d.interface == "sd" for d in profile.disks):
@@ -133,7 +135,8 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
         dtb = rt.dtb or profile.boot.dtb
         if dtb:
             argv += ["-dtb", dtb]
-        argv += ["-append", kernel_cmdline(profile, rt)]
+        tsc = host.tsc_khz if accel == "tcg" and board.tsc_hint else None
+        argv += ["-append", kernel_cmdline(profile, rt, tsc)]
     argv += _disks(profile, rt)
     argv += _nets(profile, rt)
     if board.sound:
@@ -190,9 +193,12 @@ def _console(profile: Profile, rt: Runtime) -> list[str]:
         mon = []
     if rt.console_log:
         chardev += f",logfile={esc(rt.console_log)},logappend=on"
-    argv = ["-chardev", chardev, "-serial", "chardev:console"]
-    for _ in range(profile.board.extra_serials):
-        argv += ["-serial", "null"]
+    board = profile.board
+    serials = ["null"] * (1 + board.extra_serials)
+    serials[board.console_serial] = "chardev:console"
+    argv = ["-chardev", chardev]
+    for s in serials:
+        argv += ["-serial", s]
     return argv + mon
 
 

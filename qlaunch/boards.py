@@ -44,12 +44,14 @@ class Board:
     memory_max_mib: int | None = None
     memory_default_mib: int = 512
     dtb: str | None = None  # path inside the asset set's dtbs/
+    dtb_remove: tuple[str, ...] = ()  # DTB nodes (paths) qlaunch cuts out: see qlaunch.dtb
     storage: tuple[str, ...] = ("virtio",)  # allowed [[disk]] interfaces, first is the default
     virtio: str = "pci"  # virtio transport: pci, mmio or "" (none)
     nic_model: str | None = "virtio-net-pci"  # None: the board has no NIC
     acpi: bool = True  # system_powerdown reaches the guest
     halts_on_poweroff: bool = False  # poweroff halts the CPU instead of ending QEMU
-    extra_serials: int = 0  # serial ports after the console one, wired to null
+    extra_serials: int = 0  # serial ports besides the console's, wired to null
+    console_serial: int = 0  # which -serial (0, 1, ...) the console is
     append: tuple[str, ...] = ()  # kernel arguments the board needs
     sd_pow2: bool = False  # SD card images must be a power of two in size
     sd_slots: int = 0  # how many if=sd drives the board wires up
@@ -57,6 +59,7 @@ class Board:
     # QEMU probes the host's ALSA and fills stderr with its complaints.
     sound: str | None = None
     tags: tuple[str, ...] = field(default=())
+    tsc_hint: bool = False  # under TCG, pass the TSC rate: the guest cannot calibrate it
 
     @property
     def binary(self) -> str:
@@ -98,7 +101,14 @@ BOARDS = _register(
         memory_default_mib=256,
         virtio="mmio",
         nic_model="virtio-net-device",
+        # ACPI is what describes the virtio-mmio devices to a Debian kernel (it lacks
+        # VIRTIO_MMIO_CMDLINE_DEVICES). It is hardware-reduced ACPI, though: Linux then has no
+        # HPET or PM timer, and must measure the TSC against the PIT in a few ms at boot.
+        # Under TCG on a busy host (QEMU preempted then) that fails and the guest hangs at
+        # once ("tsc: Unable to calibrate against PIT"). tsc_hint: argv then tells the kernel
+        # the TSC rate (tsc_early_khz, the host's own under TCG), so nothing is measured.
         machine_opts=("acpi=on",),
+        tsc_hint=True,
         append=("reboot=t",),
     ),
     Board(
@@ -164,13 +174,18 @@ BOARDS = _register(
         arch="aarch64",
         description="Raspberry Pi 3 Model B: 4x Cortex-A53, 1 GiB, SD card, no NIC",
         cpu=None,
-        console="ttyAMA0",  # the PL011 on serial0; the mini-UART (serial1) goes to null
+        # The PL011 on serial0. Not the mini-UART (serial1, ttyS1): QEMU 7.2 ignores its
+        # divisor latch, so each baud rate setting prints a stray byte ("X") on the console.
+        console="ttyAMA0",
         # QEMU: "The min CPUs supported by machine 'raspi3b' is 4" (and the max),
         # "Invalid RAM size, should be 1 GiB".
         smp_fixed=4,
         memory_fixed_mib=1024,
         memory_default_mib=1024,
         dtb="broadcom/bcm2837-rpi-3-b.dtb",
+        # The DTB's Bluetooth chip on the PL011 makes the port a serdev bus, not a tty: the
+        # console could then be written, never read (no shell). QEMU has no such chip.
+        dtb_remove=("/soc/serial@7e201000/bluetooth",),
         storage=("sd",),
         virtio="",
         nic_model=None,

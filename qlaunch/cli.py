@@ -11,10 +11,12 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from qlaunch import __version__
 from qlaunch.errors import QlaunchError
@@ -60,8 +62,29 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with qlaunch's one-line errors: no usage block, a hint to --help instead."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"qlaunch: error: {message} (hint: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be: the same cleanup paths (QEMU stopped,
+    temporary files, taps and leases released) run for a killed or hung-up qlaunch."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qlaunch",
         description="A low-level QEMU launcher: profiles to argv, runs, supervision, QMP.",
         epilog=EXAMPLES,
@@ -82,9 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in args_list:
         i = args_list.index("--")
         args_list, guest_cmd = args_list[:i], args_list[i + 1 :]
+    # Error messages say "run again with --debug": it works after the subcommand too.
+    debug = "--debug" in args_list
+    args_list = [a for a in args_list if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(args_list)
     args.guest_cmd = guest_cmd
+    args.debug = debug
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="qlaunch: %(name)s: %(message)s",
@@ -92,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    handlers = _catch_termination()
     try:
         return int(args.func(args) or 0)
     except QlaunchError as e:
@@ -100,8 +128,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (hint: {e.hint})" if e.hint else ""
         print(f"qlaunch: error: {e.message}{hint}", file=sys.stderr)
         return e.exit_code
+    except _Terminated as e:
+        print(f"qlaunch: {signal.Signals(e.signum).name}: stopped", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("qlaunch: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 141
+    finally:
+        for signum, old in handlers.items():
+            signal.signal(signum, old)
+
+
+def _catch_termination() -> dict[int, Any]:
+    """SIGTERM and SIGHUP become _Terminated; returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set there (cli.main called from a thread)
+    old = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN:
+            continue  # nohup and the like asked for this signal to be ignored: keep it so
+        old[signum] = handler
+        signal.signal(signum, _raise_terminated)
+    return old

@@ -40,6 +40,8 @@ class HostFacts:
     kvm: Verdict
     qemu: dict[str, str | None] = field(default_factory=dict)  # arch -> binary path or None
     tun: bool = False
+    # The host's TSC rate: under TCG a guest's TSC ticks at it (QEMU reads the host's TSC).
+    tsc_khz: int | None = None
 
     def kvm_for(self, guest_arch: str) -> Verdict:
         """KVM runs a guest only of the host's own architecture."""
@@ -100,7 +102,21 @@ def probe() -> HostFacts:
         kvm=probe_kvm(),
         qemu={arch: shutil.which(binary) for arch, binary in QEMU_BINARY.items()},
         tun=os.path.exists("/dev/net/tun"),
+        tsc_khz=probe_tsc_khz(),
     )
+
+
+def probe_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int | None:
+    """The host's TSC rate in kHz, where the TSC is constant (else None)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read(16384)
+    except OSError:
+        return None
+    if " constant_tsc" not in text:
+        return None
+    m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.M)
+    return round(float(m.group(1)) * 1000) if m else None
 
 
 def qemu_version(binary: str) -> str | None:

@@ -82,7 +82,9 @@ def boot_files(profile: Profile, cmd: list[str] | None, workdir: Path) -> BootFi
             f"profile {profile.name} boots its own initrd, so it cannot run a command",
             hint='use a profile with [boot] initrd = "qlaunch", or run it without -- CMD',
         )
-    return BootFiles(files.kernel, initrd, files.dtb)
+    from qlaunch import dtb
+
+    return BootFiles(files.kernel, initrd, dtb.for_board(profile.board, files.dtb))
 
 
 def _missing(profile: Profile, what: str, path: str) -> None:

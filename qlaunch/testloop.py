@@ -21,6 +21,7 @@ import selectors
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -626,6 +627,10 @@ def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     pass_fds=[*write_ends, *(nics.fds if nics else [])],
+                    # A SIGKILLed qlaunch must not leave its guest running on. Only from the
+                    # main thread: it needs preexec_fn, which is unsafe with threads (matrix
+                    # runs hung in the child), and the signal follows the spawning thread.
+                    die_with_parent=threading.current_thread() is threading.main_thread(),
                 )
             except FileNotFoundError:
                 raise QemuError(

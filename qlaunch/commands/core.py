@@ -54,6 +54,7 @@ def _no_guest_cmd(args: argparse.Namespace) -> None:
 
 def cmd_cmdline(args: argparse.Namespace) -> int:
     from qlaunch import argv as argvmod
+    from qlaunch import dtb as dtbmod
     from qlaunch import host, paths, profile, resolve
 
     _no_guest_cmd(args)
@@ -63,7 +64,8 @@ def cmd_cmdline(args: argparse.Namespace) -> int:
     initrd = files.initrd
     if initrd == "qlaunch":
         initrd = _qlaunch_initrd(prof)
-    rt = argvmod.Runtime(name=prof.name, kernel=files.kernel, initrd=initrd, dtb=files.dtb)
+    dtb = dtbmod.for_board(prof.board, files.dtb)
+    rt = argvmod.Runtime(name=prof.name, kernel=files.kernel, initrd=initrd, dtb=dtb)
     argv = argvmod.build_argv(prof, facts, rt)
     _, accel_note = argvmod.choose_accel(prof, facts)
     if accel_note:

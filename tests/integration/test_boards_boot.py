@@ -98,18 +98,22 @@ def test_board_boots_and_runs_a_command(
         img = root_card(tmp_path, marker)
         script += (
             "; mount -t ext4 /dev/mmcblk0 /mnt"
-            " && chroot /mnt /bin/busybox sh -c"
-            " 'cat /etc/qlaunch-sd; echo written-in-guest >/etc/from-guest'"
+            " && chroot /mnt /bin/busybox cat /etc/qlaunch-sd"
+            " && chroot /mnt /bin/busybox sh -c 'echo written-in-guest >/etc/from-guest'"
             " && umount /mnt"
         )
     if img is not None:
         sets = ["--set", f"disk.0.path={img}"]
-    r = subprocess.run(
-        [*qlaunch_bin, "run", name, *sets, "--", "sh", "-c", script + "; exit 7"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    try:
+        r = subprocess.run(
+            [*qlaunch_bin, "run", name, *sets, "--", "sh", "-c", script + "; exit 7"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
+        pytest.fail(f"qlaunch run {name} did not return in 240 s; its output: {out[-1500:]!r}")
     assert r.returncode == 7, r.stderr + r.stdout[-2000:]
     lines = [line.strip() for line in r.stdout.splitlines()]
     uname = [line for line in lines if line.startswith("Linux qlaunch ")]
@@ -122,6 +126,35 @@ def test_board_boots_and_runs_a_command(
     if card == "root":
         assert img is not None
         assert debugfs_cat(img, "/etc/from-guest").strip() == "written-in-guest"
+
+
+@pytest.mark.boot
+def test_raspi3b_console_is_a_shell(qlaunch_bin: list[str]) -> None:
+    # The Pi 3's DTB puts a Bluetooth chip on the console UART, which leaves Linux no tty to
+    # read from; qlaunch boots a copy without it, so typing into the console works. The halt
+    # that poweroff ends in is qlaunch's cue to end QEMU.
+    proc = subprocess.Popen(
+        [*qlaunch_bin, "run", "raspi3b"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        seen = b""
+        while b"shell on the console" not in seen:
+            chunk = proc.stdout.read1(4096)
+            assert chunk, f"QEMU ended before the shell: {seen[-500:]!r}"
+            seen += chunk
+        proc.stdin.write(b"echo typed-$((40+2)) on $(tty)\npoweroff\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert b"typed-42 on /dev/ttyAMA0" in seen + out
 
 
 @pytest.mark.boot

@@ -20,7 +20,8 @@ REGEN = os.environ.get("QLAUNCH_REGEN_GOLDEN") == "1"
 NO_KVM = HostFacts(arch="x86_64", kvm=Verdict(False, "/dev/kvm is provided by kvm_pvm"))
 HW_KVM = HostFacts(arch="x86_64", kvm=Verdict(True, "/dev/kvm works (kvm_intel)"))
 ARM_KVM = HostFacts(arch="aarch64", kvm=Verdict(True, "/dev/kvm works (kvm)"))
-HOSTS = {"": NO_KVM, "kvm": HW_KVM, "armkvm": ARM_KVM}
+TSC = HostFacts(arch="x86_64", kvm=NO_KVM.kvm, tsc_khz=2596100)
+HOSTS = {"": NO_KVM, "kvm": HW_KVM, "armkvm": ARM_KVM, "tsc": TSC}
 
 
 def one_option_per_line(argv: list[str]) -> str:

@@ -72,6 +72,7 @@ def test_board_records_are_consistent(key: tuple[str, str]) -> None:
     assert b.smp_fixed is None or b.smp_max is None or b.smp_fixed <= b.smp_max
     assert ("sd" in b.storage) == (b.sd_slots > 0)
     assert b.sd_pow2 == ("sd" in b.storage)
+    assert 0 <= b.console_serial <= b.extra_serials
     if b.halts_on_poweroff:
         assert not b.acpi
 
@@ -346,3 +347,109 @@ def test_boards_table(run_cli) -> None:
     raspi = next(line.split() for line in lines if " raspi2b " in line)
     assert raspi[:4] == ["arm", "raspi2b", "=4", "=1G"]
     assert "qemu-system-arm" in raspi
+
+
+def test_boards_without_virtio_load_no_virtio_modules() -> None:
+    from qlaunch import initramfs
+
+    for arch, defaults in initramfs.DEFAULT_MODULES.items():
+        for b in (b for (a, _), b in boards.BOARDS.items() if a == arch):
+            mods = boards.guest_modules(b, defaults)
+            if b.virtio:
+                assert mods == defaults
+            else:
+                assert not set(mods) & boards.VIRTIO_MODULES
+                assert "ext4" in mods and "vfat" in mods  # what an SD card holds
+    # The names are the initramfs's own: a renamed module must not slip through.
+    every = {m for mods in initramfs.DEFAULT_MODULES.values() for m in mods}
+    assert boards.VIRTIO_MODULES.issubset(every)
+
+
+# ---- DTB cuts --------------------------------------------------------------------------------
+
+
+def fdt(tree: dict[str, object]) -> bytes:
+    """A flattened device tree (version 17) of nested dicts: str values are properties."""
+    strings = bytearray()
+    offsets: dict[str, int] = {}
+
+    def name_off(name: str) -> int:
+        if name not in offsets:
+            offsets[name] = len(strings)
+            strings.extend(name.encode() + b"\0")
+        return offsets[name]
+
+    def pad(b: bytes) -> bytes:
+        return b + b"\0" * (-len(b) % 4)
+
+    def node(name: str, body: dict[str, object]) -> bytes:
+        out = struct.pack(">I", 1) + pad(name.encode() + b"\0")
+        for k, v in body.items():
+            if isinstance(v, str):
+                data = v.encode() + b"\0"
+                out += struct.pack(">III", 3, len(data), name_off(k)) + pad(data)
+        for k, v in body.items():
+            if isinstance(v, dict):
+                out += node(k, v)
+        return out + struct.pack(">I", 2)
+
+    structure = node("", tree) + struct.pack(">I", 9)
+    off_rsv = 40
+    off_struct = off_rsv + 16
+    off_strings = off_struct + len(structure)
+    total = off_strings + len(strings)
+    header = struct.pack(
+        ">10I", 0xD00DFEED, total, off_struct, off_strings, off_rsv, 17, 16, 0,
+        len(strings), len(structure),
+    )  # fmt: skip
+    return header + b"\0" * 16 + structure + bytes(strings)
+
+
+def structure_block(blob: bytes) -> bytes:
+    total, off_struct = struct.unpack_from(">II", blob, 4)
+    off_strings = struct.unpack_from(">I", blob, 12)[0]
+    size_struct = struct.unpack_from(">I", blob, 36)[0]
+    assert total == len(blob) and off_strings == off_struct + size_struct
+    return blob[off_struct:off_strings]
+
+
+def test_dtb_node_is_cut_and_the_rest_kept() -> None:
+    from qlaunch import dtb
+
+    tree = {
+        "model": "Pi",
+        "soc": {
+            "serial@7e201000": {"status": "okay", "bluetooth": {"compatible": "brcm,bt"}},
+            "mmc@7e300000": {"status": "okay"},
+        },
+    }
+    want = {
+        "model": "Pi",
+        "soc": {"serial@7e201000": {"status": "okay"}, "mmc@7e300000": {"status": "okay"}},
+    }
+    blob = fdt(tree)
+    cut = dtb.remove_nodes(blob, ("/soc/serial@7e201000/bluetooth",))
+    # The structure is the one a tree without the node has (its strings block keeps an unused
+    # "compatible", which harms no one).
+    assert structure_block(cut) == structure_block(fdt(want))
+    assert b"bluetooth" not in cut and b"brcm,bt" not in cut
+    assert b"mmc@7e300000" in cut
+    assert dtb.remove_nodes(cut, ("/soc/serial@7e201000/bluetooth",)) == cut
+    assert dtb.remove_nodes(blob, ("/soc/nothing-here",)) == blob
+    assert dtb.remove_nodes(b"not a dtb", ("/soc",)) == b"not a dtb"
+
+
+def test_raspi3b_dtb_copy_has_no_bluetooth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlaunch import dtb
+
+    monkeypatch.setenv("QLAUNCH_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "bcm2837-rpi-3-b.dtb"
+    src.write_bytes(fdt({"soc": {"serial@7e201000": {"bluetooth": {"compatible": "brcm,bt"}}}}))
+    pi = boards.BOARDS[("aarch64", "raspi3b")]
+    got = dtb.for_board(pi, str(src))
+    assert got is not None and got != str(src)
+    assert b"bluetooth" not in Path(got).read_bytes()
+    assert src.read_bytes().count(b"bluetooth") == 1  # the asset itself is left alone
+    assert dtb.for_board(pi, str(src)) == got  # made once, then reused
+    vex = boards.BOARDS[("arm", "vexpress-a9")]
+    assert dtb.for_board(vex, str(src)) == str(src)
