@@ -83,6 +83,8 @@ def kernel_cmdline(profile: Profile, rt: Runtime, tsc_khz: int | None = None) ->
         args.append(f"tsc_early_khz={tsc_khz}")
     if profile.boot.quiet:
         args.append("quiet")
+        if board.noisy_errors:
+            args.append("loglevel=2")
     if profile.boot.initrd == "qlaunch" and any(d.interface == "sd" for d in profile.disks):
         # The card is found after init starts; boards have one slot, so it is mmcblk0.
         args.append("qlaunch.waitdev=mmcblk0")

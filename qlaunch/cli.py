@@ -43,6 +43,14 @@ examples:
 """
 
 
+# Subcommands that take a command for the guest after `--`.
+GUEST_CMD_PROGS = {
+    "qlaunch run": "qlaunch run PROFILE",
+    "qlaunch start": "qlaunch start PROFILE",
+    "qlaunch exec": "qlaunch exec",
+}
+
+
 def emit_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
@@ -65,8 +73,9 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse with qlaunch's one-line errors: no usage block, a hint to --help instead."""
 
-    def error(self, message: str) -> NoReturn:
-        print(f"qlaunch: error: {message} (hint: {self.prog} --help)", file=sys.stderr)
+    def error(self, message: str, hint: str | None = None) -> NoReturn:
+        hint = hint or f"{self.prog} --help"
+        print(f"qlaunch: error: {message} (hint: {hint})", file=sys.stderr)
         sys.exit(2)
 
 
@@ -109,7 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args_list
     args_list = [a for a in args_list if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:
+        # Reported by the subcommand's parser, whose --help lists the options meant.
+        sub = _innermost(parser, args)
+        hint = None
+        if not unknown[0].startswith("-") and sub.prog in GUEST_CMD_PROGS:
+            usage = GUEST_CMD_PROGS[sub.prog]
+            hint = f"the guest's command goes after --: {usage} -- {' '.join(unknown)}"
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}", hint)
     args.guest_cmd = guest_cmd
     args.debug = debug
     logging.basicConfig(
@@ -129,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qlaunch: error: {e.message}{hint}", file=sys.stderr)
         return e.exit_code
     except _Terminated as e:
-        print(f"qlaunch: {signal.Signals(e.signum).name}: stopped", file=sys.stderr)
+        print(f"qlaunch: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("qlaunch: interrupted", file=sys.stderr)
@@ -141,11 +158,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signum, old)
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The (sub)parser that parsed the last command word in args."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name is None or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
 def _catch_termination() -> dict[int, Any]:
     """SIGTERM and SIGHUP become _Terminated; returns the handlers to put back."""
     if threading.current_thread() is not threading.main_thread():
         return {}  # signal handlers can only be set there (cli.main called from a thread)
-    old = {}
+    old: dict[int, Any] = {}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         handler = signal.getsignal(signum)
         if handler is signal.SIG_IGN:

@@ -66,6 +66,10 @@ def attach_disk(
 
     vm = _running(name, base)
     path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise UsageError(
+            f"{path} does not exist", hint=f"create it first: qlaunch image create {path} 1G"
+        )
     if not os.path.isfile(path):
         raise UsageError(f"{path} is not an image file")
     fmt = fmt or _format_from_name(path)

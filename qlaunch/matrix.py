@@ -17,7 +17,7 @@ import time
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -190,8 +190,13 @@ def run_matrix(
     shown: set[str] = set()
     workers = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
 
+    threads: set[threading.Thread] = set()
+    interrupted = threading.Event()
+
     def one(spec: testloop.ExecSpec) -> testloop.Result:
         assert spec.name is not None
+        with lock:
+            threads.add(threading.current_thread())
         sink = PrefixSink(spec.name, lock, note, shown)
         try:
             result = testloop.run_spec(spec, sink, show_console=show_console)
@@ -199,12 +204,26 @@ def run_matrix(
             result = _error_result(spec, e)
         finally:
             sink.close()
-        for line in result.report():
-            sink.note(line)
+        if not interrupted.is_set():  # a run we killed has nothing to report
+            for line in result.report():
+                sink.note(line)
         return result
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qlaunch-exec") as pool:
-        return list(pool.map(one, specs))
+        futures = [pool.submit(one, spec) for spec in specs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            # Ctrl-C or SIGTERM: end the runs now rather than wait for each to finish.
+            interrupted.set()
+            for f in futures:
+                f.cancel()
+            while not all(f.done() for f in futures):
+                with lock:
+                    running = set(threads)
+                testloop.kill_runs(running)
+                wait(futures, timeout=0.2)
+            raise
 
 
 def summary_rows(results: Sequence[testloop.Result]) -> list[dict[str, Any]]:

@@ -553,6 +553,26 @@ def _mib(n: int) -> str:
 def load(name_or_path: str, sets: list[str] | None = None) -> Profile:
     path = find(name_or_path)
     data = load_raw(path)
-    if sets:
-        data = apply_sets(data, sets)
-    return build(data, name=path.stem, source=str(path))
+    if not sets:
+        return build(data, name=path.stem, source=str(path))
+    label = f"--set {sets[0]}" if len(sets) == 1 else "--set"
+    return build_blaming(data, apply_sets(data, sets), name=path.stem, path=path, label=label)
+
+
+def build_blaming(
+    base: dict[str, Any], final: dict[str, Any], *, name: str, path: Path, label: str
+) -> Profile:
+    """build(final), where final is the file's base plus command-line overrides. An error that
+    the overrides brought in names them (label), not the file: the file is fine as it is."""
+    try:
+        return build(final, name=name, source=str(path))
+    except ProfileError as e:
+        try:
+            build(base, name=name, source=str(path))
+        except ProfileError:
+            raise e from None  # the file is at fault as it stands
+        try:
+            build(final, name=name, source=f"{label} on {path}")
+        except ProfileError as relabelled:
+            raise relabelled from None
+        raise

@@ -30,6 +30,7 @@ QUIT_WAIT = 10.0
 TERM_WAIT = 5.0
 KILL_WAIT = 10.0
 RECORD_WAIT = 10.0  # for a live supervisor to reap and record
+ACPI_REPEAT = 5.0  # press the power button again after this long
 
 
 @dataclass
@@ -105,9 +106,7 @@ def stop_locked(
             step("acpi powerdown", "skipped: the guest is paused and cannot see it", False, t0)
         else:
             try:
-                with vm.monitor(QMP_CONNECT, purpose="stop") as mon:
-                    mon.execute("system_powerdown")
-                ended = state.wait_gone(q.pid, q.start_ticks, timeout)
+                ended = _press_power_button(vm, q, timeout)
                 result = (
                     "the guest powered off"
                     if ended
@@ -153,6 +152,28 @@ def stop_locked(
     if live.record.supervisor is None and report.exit and report.exit.reason == "unsupervised":
         report.note = "its supervisor was gone, so qlaunch recorded the exit from /proc"
     return report
+
+
+def _press_power_button(vm: VM, q: state.Proc, timeout: float) -> bool:
+    """system_powerdown, again every ACPI_REPEAT s until QEMU is gone or timeout passes: a
+    guest still booting (a VM stopped right after start) misses a press, and would otherwise
+    keep the stop waiting out all of timeout. True once QEMU is gone."""
+    deadline = time.monotonic() + timeout
+    pressed = False
+    while True:
+        try:
+            with vm.monitor(QMP_CONNECT, purpose="stop") as mon:
+                mon.execute("system_powerdown")
+            pressed = True
+        except QlaunchError:
+            if not pressed:
+                raise  # never sent: the caller reports why
+            # QEMU may be going away as the guest powers off: the wait below tells.
+        left = deadline - time.monotonic()
+        if state.wait_gone(q.pid, q.start_ticks, max(0.0, min(ACPI_REPEAT, left))):
+            return True
+        if left <= ACPI_REPEAT:
+            return False
 
 
 def _request_stop(r: state.Record) -> None:

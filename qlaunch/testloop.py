@@ -16,6 +16,7 @@ has ended its output is already in the host's pipe.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import selectors
 import shutil
@@ -283,6 +284,7 @@ def _load_profile(spec: ExecSpec, k: _Kernel | None, arch: str | None) -> Any:
     data = pmod.load_raw(path)
     boot = data.setdefault("boot", {})
     machine = data.setdefault("machine", {})
+    file_data = copy.deepcopy(data)
     if boot.get("initrd") not in (None, "qlaunch"):
         raise ProfileError(
             f"{path}: [boot] initrd: exec boots qlaunch's own initramfs, not {boot['initrd']!r}",
@@ -302,7 +304,12 @@ def _load_profile(spec: ExecSpec, k: _Kernel | None, arch: str | None) -> Any:
         boot["append"] = f"{boot.get('append', '')} {spec.append}".strip()
     if spec.sets:
         data = pmod.apply_sets(data, list(spec.sets))
-    return pmod.build(data, name=path.stem, source=str(path))
+    # A bad --cpus, --memory or --set is named as such, not blamed on the profile file.
+    flags = [f"--cpus {spec.cpus}"] if spec.cpus is not None else []
+    flags += [f"--memory {spec.memory}"] if spec.memory is not None else []
+    flags += [f"--set {s}" for s in spec.sets]
+    label = flags[0] if len(flags) == 1 else "--cpus, --memory or --set"
+    return pmod.build_blaming(file_data, data, name=path.stem, path=path, label=label)
 
 
 def _driver(
@@ -378,6 +385,12 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
     mod_dir: Path | None
     if spec.modules:
         mod_dir = kmod.find_modules_dir(spec.modules, release)
+        if release is not None and mod_dir.parent.name == "modules" and mod_dir.name != release:
+            # The one version there is taken anyway; say why its modules will fail to load.
+            notes.append(
+                f"--modules {spec.modules} holds modules for {mod_dir.name}, but the kernel is "
+                f"{release}: they will not load (make modules_install for this kernel?)"
+            )
         release = mod_dir.name if release is None else release
         where: str | None = f"--modules {spec.modules}"
     elif k.asset is not None:
@@ -640,11 +653,31 @@ def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
         for w in write_ends:
             os.close(w)
         write_ends.clear()
-        return _Driver(plan, sink, proc, read_ends, show_console).run()
+        with _RUNNING_LOCK:
+            _RUNNING[threading.current_thread()] = proc
+        try:
+            return _Driver(plan, sink, proc, read_ends, show_console).run()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.pop(threading.current_thread(), None)
     finally:
         for fd in [*write_ends, *read_ends.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+# Each thread drives one QEMU at a time: which, so that an interrupted matrix can end its runs.
+_RUNNING: dict[threading.Thread, subprocess.Popen[bytes]] = {}
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_runs(threads: set[threading.Thread]) -> None:
+    """SIGKILL the QEMU that each of these threads is driving; their runs then end at once."""
+    with _RUNNING_LOCK:
+        for t in threads:
+            proc = _RUNNING.get(t)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
 
 
 @contextlib.contextmanager

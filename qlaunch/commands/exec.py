@@ -14,7 +14,8 @@ examples:
   qlaunch exec --kernel arch/x86/boot/bzImage --modules /tmp/mods --share . -- ./test.sh
   qlaunch exec --kernel asset:x86_64-generic --share . -- sh -c 'make check'
   qlaunch exec --profile default --profile aarch64-virt --junit out.xml -- uname -m
-  git bisect run qlaunch exec --kernel arch/x86/boot/bzImage --boot-failure-exit 125 -- ./t.sh
+  git bisect run qlaunch exec --kernel arch/x86/boot/bzImage --boot-failure-exit 125 \\
+      -- sh -c "$(cat t.sh)"                       the script's text goes in: no share needed
 
 exit codes: the command's own; 118 the kernel did not boot (--boot-failure-exit); 119 WARNING
 (--fail-on-warn); 120 no status from the guest; 121 kernel panic; 122 oops or BUG; 123 RCU
@@ -77,13 +78,13 @@ def register(sub: Any) -> None:
         help="share a host directory over 9p (default guest path: the same as on the host); "
         "the command starts in the host's working directory when a share holds it",
     )
-    p.add_argument("--cpus", type=int, metavar="N")
+    p.add_argument("--cpus", type=_positive(int), metavar="N")
     p.add_argument("--memory", metavar="M", help="like 512M or 2G")
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
-    p.add_argument("--timeout", type=float, metavar="S", help="overall limit in seconds")
+    p.add_argument("--timeout", type=_positive(float), metavar="S", help="overall limit in seconds")
     p.add_argument(
         "--watchdog",
-        type=float,
+        type=_positive(float),
         metavar="S",
         help="fail after S seconds without any output (default 30; x10 under TCG)",
     )
@@ -99,8 +100,26 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     p.add_argument("--json", metavar="FILE", help="write a JSON report")
-    p.add_argument("--jobs", type=int, metavar="N", help="parallel runs (default: host cores)")
+    p.add_argument(
+        "--jobs", type=_positive(int), metavar="N", help="parallel runs (default: host cores)"
+    )
     p.set_defaults(func=cmd_exec)
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number above zero (a timeout of -5 is a typo, not a deadline)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 class TerminalSink:

@@ -19,7 +19,7 @@ from qlaunch.errors import StateError, UsageError
 EXAMPLES = """\
 examples:
   qlaunch start default --name web                  boot in the background; prints the name
-  qlaunch start default --name job -- make check    run a command in the guest, then power off
+  qlaunch start default --name job -- sleep 60      run a command in the guest, then power off
   qlaunch start default --name db --netns lab0 --set net.0.mode=network --set net.0.network=lan
                                                     on network lan, inside namespace lab0
   qlaunch list                                      name, state, pid, uptime, CPU, RSS, restarts

@@ -60,7 +60,7 @@ def test_disk_and_nic_hotplug(vmroot: Path) -> None:  # noqa: F811
     r = ql("attach-disk", "hot", str(data))
     assert r.returncode == 2 and "already attached" in r.stderr
     r = ql("attach-disk", "hot", str(vmroot / "nope.img"))
-    assert r.returncode == 2 and "not an image file" in r.stderr
+    assert r.returncode == 2 and "nope.img does not exist" in r.stderr
     assert ok("attach-disk", "hot", str(qcow)).stdout.strip() == "hpdisk2"
     raw2 = vmroot / "raw2.img"
     raw2.write_bytes(b"\0" * (1 << 20))
