@@ -62,9 +62,8 @@ def note(message: str) -> None:
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    # The header shows even with no rows, so an empty listing is visibly empty, not silent.
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())

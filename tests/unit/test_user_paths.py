@@ -1,5 +1,6 @@
 """What a new user meets first: the README's commands, the help texts' examples, and the
-mistakes people make on the command line. No QEMU here (see tests/integration/test_user_paths.py).
+mistakes people make on the command line. No QEMU here: see
+tests/integration/test_user_paths_boot.py.
 """
 
 from __future__ import annotations
