@@ -11,8 +11,8 @@ from qlaunch import cli
 from qlaunch.errors import UsageError
 
 
-def add_profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("profile", help="profile name (profiles/, ~/.config/qlaunch/profiles/) or path")
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    """--set SECTION.KEY=VALUE, the same on every command that loads a profile."""
     p.add_argument(
         "--set",
         dest="sets",
@@ -21,6 +21,11 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a profile key (repeatable), e.g. machine.memory=1G or disk.0.path=x.img",
     )
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="profile name (profiles/, ~/.config/qlaunch/profiles/) or path")
+    add_set_arg(p)
 
 
 def register(sub: Any) -> None:

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from qlaunch import cli
+from qlaunch.commands.core import add_set_arg
 
 EXAMPLES = """\
 examples:
@@ -49,14 +50,7 @@ def register(sub: Any) -> None:
         help="board and machine to boot on (default per arch); repeat to run on several at once",
     )
     p.add_argument("--matrix", metavar="FILE", help="runs from a TOML file ([[run]] tables)")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a profile key (repeatable)",
-    )
+    add_set_arg(p)
     p.add_argument(
         "--modules",
         metavar="DIR",

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from qlaunch import cli
+from qlaunch.commands.core import add_set_arg
 from qlaunch.errors import StateError, UsageError
 
 EXAMPLES = """\
@@ -43,14 +44,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("profile", help="profile name or path")
     p.add_argument("--name", help="VM name: 1-64 of A-Z a-z 0-9 - _ (default: PROFILE-xxxxxx)")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a profile key (repeatable)",
-    )
+    add_set_arg(p)
     p.add_argument(
         "--restart",
         default="no",
