@@ -124,14 +124,7 @@ def detach_disk(
     lock_timeout: float = 30.0,
 ) -> dict[str, Any]:
     """Unplug a hotplugged disk: device_del, wait for the guest to release it, blockdev-del."""
-    vm = _running(name, base)
-    with state.locked(vm.name, "detach-disk", lock_timeout, vm.base):
-        entry = _entry(vm, dev_id, "disk")
-        with vm.monitor(purpose="detach-disk") as mon:
-            _unplug(mon, vm, dev_id, timeout)
-            _quiet(mon, "blockdev-del", {"node-name": entry["node"]})
-        _record_remove(vm, entry)
-    return entry
+    return _detach(name, dev_id, "disk", timeout, base, lock_timeout)
 
 
 # ---- NICs ----------------------------------------------------------------------------------
@@ -203,12 +196,23 @@ def detach_nic(
     base: Path | None = None,
     lock_timeout: float = 30.0,
 ) -> dict[str, Any]:
+    """Unplug a hotplugged NIC: device_del, wait for the guest to release it, netdev_del."""
+    return _detach(name, dev_id, "nic", timeout, base, lock_timeout)
+
+
+def _detach(
+    name: str, dev_id: str, kind: str, timeout: float, base: Path | None, lock_timeout: float
+) -> dict[str, Any]:
     vm = _running(name, base)
-    with state.locked(vm.name, "detach-nic", lock_timeout, vm.base):
-        entry = _entry(vm, dev_id, "nic")
-        with vm.monitor(purpose="detach-nic") as mon:
+    with state.locked(vm.name, f"detach-{kind}", lock_timeout, vm.base):
+        entry = _entry(vm, dev_id, kind)
+        with vm.monitor(purpose=f"detach-{kind}") as mon:
             _unplug(mon, vm, dev_id, timeout)
-            _quiet(mon, "netdev_del", {"id": dev_id})
+            # The backend goes only after the guest let go of the device.
+            if kind == "disk":
+                _quiet(mon, "blockdev-del", {"node-name": entry["node"]})
+            else:
+                _quiet(mon, "netdev_del", {"id": dev_id})
         _record_remove(vm, entry)
     return entry
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +35,34 @@ def _isolated_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     # A user's own ~/.config profiles must not change what tests see; the asset cache is shared.
     monkeypatch.setenv("QLAUNCH_CONFIG", str(tmp_path_factory.mktemp("config")))
     os.environ.setdefault("QLAUNCH_TEST", "1")
+
+
+@pytest.fixture
+def run_shell(qlaunch_bin: list[str]):  # type: ignore[no-untyped-def]
+    """`qlaunch run PROFILE` with no command: wait for the guest's shell, type `text` into the
+    console as a user's terminal would, and return (exit code, all stdout, stderr)."""
+
+    def call(profile: str, text: bytes, timeout: float = 120) -> tuple[int, bytes, bytes]:
+        proc = subprocess.Popen(
+            [*qlaunch_bin, "run", profile],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            seen = b""
+            while b"shell on the console" not in seen:
+                chunk = proc.stdout.read1(4096)
+                assert chunk, f"QEMU ended before the shell: {seen[-500:]!r}"
+                seen += chunk
+            proc.stdin.write(text)
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return proc.returncode, seen + out, err
+
+    return call

@@ -36,7 +36,7 @@ MACHINES: dict[str, tuple[list[str], str]] = {
 def qemu_argv(set_name: str, asset: assets.AssetSet, initrd: Path, *extra: str) -> list[str]:
     base, console = MACHINES[set_name]
     if not shutil.which(base[0]):
-        pytest.skip(f"{base[0]} is not installed")
+        pytest.fail(f"{base[0]} is not installed: run `make setup` (it apt-installs QEMU)")
     return [
         *base,
         "-accel",

@@ -129,32 +129,13 @@ def test_board_boots_and_runs_a_command(
 
 
 @pytest.mark.boot
-def test_raspi3b_console_is_a_shell(qlaunch_bin: list[str]) -> None:
+def test_raspi3b_console_is_a_shell(run_shell) -> None:  # type: ignore[no-untyped-def]
     # The Pi 3's DTB puts a Bluetooth chip on the console UART, which leaves Linux no tty to
     # read from; qlaunch boots a copy without it, so typing into the console works. The halt
     # that poweroff ends in is qlaunch's cue to end QEMU.
-    proc = subprocess.Popen(
-        [*qlaunch_bin, "run", "raspi3b"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        seen = b""
-        while b"shell on the console" not in seen:
-            chunk = proc.stdout.read1(4096)
-            assert chunk, f"QEMU ended before the shell: {seen[-500:]!r}"
-            seen += chunk
-        proc.stdin.write(b"echo typed-$((40+2)) on $(tty)\npoweroff\n")
-        proc.stdin.flush()
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert b"typed-42 on /dev/ttyAMA0" in seen + out
+    code, out, err = run_shell("raspi3b", b"echo typed-$((40+2)) on $(tty)\npoweroff\n")
+    assert code == 0, err
+    assert b"typed-42 on /dev/ttyAMA0" in out
 
 
 @pytest.mark.boot

@@ -30,31 +30,12 @@ def test_run_command_shows_output_and_status(
     assert "using TCG" in r.stderr or r.stderr == ""
 
 
-def test_run_without_command_powers_off_cleanly(qlaunch_bin: list[str]) -> None:
+def test_run_without_command_powers_off_cleanly(run_shell) -> None:  # type: ignore[no-untyped-def]
     # No command: the init gives a shell on the console, fed here through a pipe as a user's
     # terminal would; typing poweroff ends the run with 0.
-    proc = subprocess.Popen(
-        [*qlaunch_bin, "run", "default"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        seen = b""
-        while b"shell on the console" not in seen:
-            chunk = proc.stdout.read1(4096)
-            assert chunk, f"QEMU ended before the shell: {seen[-500:]!r}"
-            seen += chunk
-        proc.stdin.write(b"echo shell-is-$((40+2))\npoweroff\n")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
-    assert b"shell-is-42" in seen + out
+    code, out, _ = run_shell("default", b"echo shell-is-$((40+2))\npoweroff\n", timeout=60)
+    assert code == 0
+    assert b"shell-is-42" in out
 
 
 def test_qemu_failure_is_reported(qlaunch_bin: list[str]) -> None:
