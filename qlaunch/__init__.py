@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from qlaunch.testloop import ExecSpec, Result
-    from qlaunch.testloop import exec as exec  # noqa: A004
+    from qlaunch.testloop.driver import ExecSpec, Result
+    from qlaunch.testloop.driver import exec as exec  # noqa: A004
 
 __all__ = ["ExecSpec", "Result", "__version__", "exec"]
 
@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:
     # `import qlaunch` stays cheap (the CLI imports it for every command); the test loop's
     # API loads on first use: qlaunch.exec(...), qlaunch.Result.
     if name in ("exec", "Result", "ExecSpec"):
-        from qlaunch import testloop
+        from qlaunch.testloop import driver as testloop
 
         return getattr(testloop, name)
     raise AttributeError(f"module 'qlaunch' has no attribute {name!r}")

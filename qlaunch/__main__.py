@@ -1,3 +1,3 @@
-from qlaunch.cli import main
+from qlaunch.cli.app import main
 
 raise SystemExit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+SHIPPED_PROFILES = Path(__file__).resolve().parent / "profiles"
 
 
 def cache_dir() -> Path:
@@ -38,5 +38,5 @@ def state_dir() -> Path:
 
 
 def profile_dirs() -> list[Path]:
-    """Profile search order: the repo's profiles/, then the user's config directory."""
-    return [REPO_PROFILES, config_dir() / "profiles"]
+    """Profile search order: the shipped profiles (package data), then the user's config."""
+    return [SHIPPED_PROFILES, config_dir() / "profiles"]

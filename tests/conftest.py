@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
     """Run `qlaunch ARGS` in-process; returns (exit code, stdout, stderr)."""
-    from qlaunch.cli import main
+    from qlaunch.cli.app import main
 
     def call(*args: str) -> tuple[int, str, str]:
         code = main(list(args))

@@ -29,13 +29,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlaunch.config.profile import Profile
 from qlaunch.errors import HostError, StateError, UsageError
 from qlaunch.net import definitions, dhcp, links, netns, runtime
-from qlaunch.profile import Profile
 
 
 def stable_mac(vm_name: str, index: int) -> str:
-    from qlaunch.argv import stable_mac as mac
+    from qlaunch.launch.argv import stable_mac as mac
 
     return mac(vm_name, index)
 

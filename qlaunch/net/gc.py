@@ -79,7 +79,7 @@ def _vanished(report: GcReport) -> None:
 
 def _vms_in(space: str) -> list[str]:
     """Background VMs, alive, that were started in namespace SPACE."""
-    from qlaunch import state
+    from qlaunch.vm import state
 
     out = []
     root = state.root()

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import psutil
 
-from qlaunch import argv as argvmod
-from qlaunch import assets, host, initramfs, profile
+from qlaunch.boot import assets, initramfs
+from qlaunch.config import profile
+from qlaunch.launch import argv as argvmod
+from qlaunch.launch import host
 from qlaunch.net import attach, links, netns
 from qlaunch.spawn import spawn, stop_child
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import assets, initramfs
+from qlaunch.boot import assets, initramfs
 
 BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core CI machine; a good boot takes 2 to 6 s
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import assets
+from qlaunch.boot import assets
 from qlaunch.errors import AssetError
 
 BOARDS = [

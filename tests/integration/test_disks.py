@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import disks, holders, image, profile
+from qlaunch.config import profile
 from qlaunch.errors import ProfileError, QemuError
-from qlaunch.holders import ImageInUse
+from qlaunch.launch import disks
+from qlaunch.storage import holders, image
+from qlaunch.storage.holders import ImageInUse
 
 MiB = 1 << 20
 

@@ -30,8 +30,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qlaunch import argv as argvmod
-from qlaunch import host, image, profile, resolve
+from qlaunch.config import profile
+from qlaunch.launch import argv as argvmod
+from qlaunch.launch import host, resolve
+from qlaunch.storage import image
 
 pytestmark = pytest.mark.boot
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import qlaunch
-from qlaunch import assets, initramfs
+from qlaunch.boot import assets, initramfs
 
 pytestmark = pytest.mark.boot
 

@@ -1,4 +1,4 @@
-"""qlaunch.image against the real qemu-img, and the seed ISO against blkid.
+"""qlaunch.storage.image against the real qemu-img, and the seed ISO against blkid.
 
 A guest kernel reads the seed too: tests/integration/test_disks_boot.py.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import image
+from qlaunch.boot.seed import build_seed, user_data_from
 from qlaunch.errors import HostError, QemuError, UsageError
-from qlaunch.holders import ImageInUse
-from qlaunch.seed import build_seed, user_data_from
+from qlaunch.storage import image
+from qlaunch.storage.holders import ImageInUse
 
 MiB = 1 << 20
 HAVE_QEMU_IMG = shutil.which("qemu-img") is not None

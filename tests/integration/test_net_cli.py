@@ -208,7 +208,7 @@ def test_bad_input_is_refused(run_cli, tmp_path: Path, monkeypatch) -> None:  # 
 def test_taps_on_a_host_bridge_and_their_rollback(run_cli, ns: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Bridge mode: taps join an existing bridge; the fd is the tap's life; a failure on the
     second NIC leaves nothing of the first."""
-    from qlaunch import profile
+    from qlaunch.config import profile
     from qlaunch.errors import StateError
     from qlaunch.net import attach
 

@@ -21,9 +21,9 @@ import pytest
 from netlab import Guest, boot, namespace, upstream_of, wait_until
 from vmlab import BOOT_TIMEOUT, BOOTED, QLAUNCH, jq, ok, reap_all, row
 
-from qlaunch import state
-from qlaunch.argv import stable_mac
+from qlaunch.launch.argv import stable_mac
 from qlaunch.net import dhcp, nat, netns, runtime
+from qlaunch.vm import state
 
 pytestmark = [pytest.mark.net, pytest.mark.boot]
 

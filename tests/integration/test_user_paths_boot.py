@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from vmlab import QLAUNCH, ok, ql, vmroot, wait_until  # noqa: F401
 
-from qlaunch import state
+from qlaunch.vm import state
 
 pytestmark = pytest.mark.boot
 
@@ -127,7 +127,8 @@ def test_stop_right_after_start_powers_off_by_acpi(vmroot: Path) -> None:  # noq
 def test_modules_for_another_kernel_are_named(tmp_path: Path) -> None:
     # A stale `make modules_install` tree: its one version is still used, and the user is told
     # why each insmod in the guest will then fail with "invalid module format".
-    from qlaunch import assets, testloop
+    from qlaunch.boot import assets
+    from qlaunch.testloop import driver as testloop
 
     mods = tmp_path / "mods" / "lib" / "modules" / "0.0-other"
     (mods / "kernel").mkdir(parents=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from vmlab import QLAUNCH, alive, jq, ok, ql, row, vmroot  # noqa: F401
 
-from qlaunch import state
+from qlaunch.vm import state
 
 pytestmark = pytest.mark.boot
 

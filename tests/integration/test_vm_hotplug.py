@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from vmlab import BOOT_TIMEOUT, BOOTED, jq, ok, ql, row, vmroot, wait_until  # noqa: F401
 
-from qlaunch import image
-from qlaunch.vm import VM
+from qlaunch.storage import image
+from qlaunch.vm.api import VM
 
 pytestmark = pytest.mark.boot
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from vmlab import BOOT_TIMEOUT, BOOTED, jq, ok, ql, row, vmroot  # noqa: F401
 
-from qlaunch.vm import VM
+from qlaunch.vm.api import VM
 
 pytestmark = pytest.mark.boot
 

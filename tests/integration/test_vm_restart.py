@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from vmlab import BOOT_TIMEOUT, BOOTED, jq, ok, row, vmroot, wait_until  # noqa: F401
 
-from qlaunch import assets
-from qlaunch.vm import VM
+from qlaunch.boot import assets
+from qlaunch.vm.api import VM
 
 pytestmark = pytest.mark.boot
 

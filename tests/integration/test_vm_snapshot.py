@@ -10,7 +10,7 @@ import pytest
 from test_vm_hotplug import guest
 from vmlab import BOOT_TIMEOUT, BOOTED, ok, ql, vmroot  # noqa: F401
 
-from qlaunch.vm import VM
+from qlaunch.vm.api import VM
 
 pytestmark = pytest.mark.boot
 

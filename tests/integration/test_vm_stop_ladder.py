@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from vmlab import BOOT_TIMEOUT, BOOTED, alive, jq, ok, row, vmroot  # noqa: F401
 
-from qlaunch.vm import VM
+from qlaunch.vm.api import VM
 
 pytestmark = pytest.mark.boot
 

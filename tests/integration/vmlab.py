@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from qlaunch import state
 from qlaunch.errors import QlaunchError
+from qlaunch.vm import state
 
 QLAUNCH = [str(Path(sys.executable).parent / "qlaunch")]
 BOOTED = r"shell on the console"  # the qlaunch guest init's banner

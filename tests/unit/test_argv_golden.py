@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import argv as argvmod
-from qlaunch import profile, resolve
-from qlaunch.host import HostFacts, Verdict
+from qlaunch.config import profile
+from qlaunch.launch import argv as argvmod
+from qlaunch.launch import resolve
+from qlaunch.launch.host import HostFacts, Verdict
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"

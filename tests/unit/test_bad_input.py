@@ -91,7 +91,7 @@ def test_missing_profile_file(run_cli, tmp_path: Path) -> None:
 
 
 def test_kvm_demanded_on_this_host_fails_clearly(run_cli) -> None:
-    from qlaunch.host import probe
+    from qlaunch.launch.host import probe
 
     if probe().kvm.usable:
         pytest.skip("this host has usable hardware KVM")

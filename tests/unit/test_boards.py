@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import boards, profile, sdcard
+from qlaunch.config import boards, profile
 from qlaunch.errors import ProfileError
+from qlaunch.storage import sdcard
 
 SHIPPED = {
     "aarch64-virt": ("aarch64", "virt"),
@@ -239,7 +240,7 @@ def test_kernel_for_another_arch_names_both(
 
 
 def test_kernels_the_board_boots_pass(tmp_path: Path) -> None:
-    from qlaunch import kernelcheck
+    from qlaunch.boot import kernelcheck
 
     for arch, machine, kernel_arch in [
         ("arm", "raspi2b", "arm"),
@@ -274,7 +275,7 @@ def test_sd_image_not_a_power_of_two_is_refused_with_the_round_up_command(
 
 
 def test_round_up_command_exists() -> None:
-    from qlaunch.cli import build_parser
+    from qlaunch.cli.app import build_parser
 
     words = sdcard.ROUND_UP_COMMAND.split()
     assert words[:2] == ["qlaunch", "image"]
@@ -350,7 +351,7 @@ def test_boards_table(run_cli) -> None:
 
 
 def test_boards_without_virtio_load_no_virtio_modules() -> None:
-    from qlaunch import initramfs
+    from qlaunch.boot import initramfs
 
     for arch, defaults in initramfs.DEFAULT_MODULES.items():
         for b in (b for (a, _), b in boards.BOARDS.items() if a == arch):
@@ -414,7 +415,7 @@ def structure_block(blob: bytes) -> bytes:
 
 
 def test_dtb_node_is_cut_and_the_rest_kept() -> None:
-    from qlaunch import dtb
+    from qlaunch.boot import dtb
 
     tree = {
         "model": "Pi",
@@ -440,7 +441,7 @@ def test_dtb_node_is_cut_and_the_rest_kept() -> None:
 
 
 def test_raspi3b_dtb_copy_has_no_bluetooth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qlaunch import dtb
+    from qlaunch.boot import dtb
 
     monkeypatch.setenv("QLAUNCH_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "bcm2837-rpi-3-b.dtb"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlaunch import console as con
-from qlaunch.console import ConsoleScanner
+from qlaunch.testloop import console as con
+from qlaunch.testloop.console import ConsoleScanner
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import profile
-from qlaunch.profile import SEED_PLACEHOLDER
+from qlaunch.config import profile
+from qlaunch.config.profile import SEED_PLACEHOLDER
 
 BASE = 'extends = "default"\n'
 

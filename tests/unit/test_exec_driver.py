@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import testloop
 from qlaunch.errors import QemuError
+from qlaunch.testloop import driver as testloop
 
 FAKE_QEMU = textwrap.dedent(
     """\

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import kernel, matrix, testloop
+from qlaunch.boot import kernel
 from qlaunch.errors import UsageError
+from qlaunch.testloop import driver as testloop
+from qlaunch.testloop import matrix
 
 
 def bzimage(xloadflags: int = 1, version: int = 0x20F) -> bytes:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import assets, initramfs
+from qlaunch.boot import assets, initramfs
+from qlaunch.boot.initramfs import Entry, newc_archive, resolve_modules
 from qlaunch.errors import AssetError, UsageError
-from qlaunch.initramfs import Entry, newc_archive, resolve_modules
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import iso9660, seed
+from qlaunch.boot import iso9660, seed
 from qlaunch.errors import UsageError
 
 SECTOR = 2048

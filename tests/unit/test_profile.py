@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import argv as argvmod
-from qlaunch import profile
-from qlaunch.host import HostFacts, Verdict
-from qlaunch.settings import SECTIONS, reference_markdown, size_bytes
+from qlaunch.config import profile
+from qlaunch.config.settings import SECTIONS, reference_markdown, size_bytes
+from qlaunch.launch import argv as argvmod
+from qlaunch.launch.host import HostFacts, Verdict
 
 REPO = Path(__file__).resolve().parent.parent.parent
 

@@ -1,4 +1,4 @@
-"""qlaunch.resources against fake host trees (mountinfo, /proc/self/cgroup, cgroup and sysfs
+"""qlaunch.vm.resources against fake host trees (mountinfo, /proc/self/cgroup, cgroup and sysfs
 files under a temporary root), the [resources] profile keys, and the sandbox/runas argv."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import argv as argvmod
-from qlaunch import profile as profmod
-from qlaunch import resources
+from qlaunch.config import profile as profmod
 from qlaunch.errors import HostError, ProfileError, UsageError
-from qlaunch.host import HostFacts, Verdict
+from qlaunch.launch import argv as argvmod
+from qlaunch.launch.host import HostFacts, Verdict
+from qlaunch.vm import resources
 
 HYBRID_MOUNTINFO = """\
 30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
@@ -89,7 +89,7 @@ def test_prepare_v1_makes_cgroups_and_release_removes_them(tmp_path: Path) -> No
         "cpu": str(cg_cpu),
         "memory": str(cg_mem),
     }
-    assert out.hook["call"] == "qlaunch.resources:release"
+    assert out.hook["call"] == "qlaunch.vm.resources:release"
     # The hook, as the supervisor runs it: limit files first (a real cgroupfs has none to
     # remove; here they are plain files).
     for d in (cg_cpu, cg_mem):

@@ -1,4 +1,4 @@
-"""The save file format (qlaunch.migrate): what restore accepts and what it refuses before it
+"""The save file format (qlaunch.vm.migrate): what restore accepts and what it refuses before it
 starts anything."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import migrate
 from qlaunch.errors import UsageError
+from qlaunch.vm import migrate
 
 STREAM = b"QEVM" + bytes(range(256)) * 64
 
@@ -57,7 +57,7 @@ def test_a_stream_that_is_not_qemus(tmp_path: Path) -> None:
 
 
 def test_macs_are_pinned_to_the_saved_name() -> None:
-    from qlaunch.argv import stable_mac
+    from qlaunch.launch.argv import stable_mac
 
     raw = {
         "net": [{"mode": "none"}, {"mode": "user"}, {"mode": "user", "mac": "52:54:00:00:00:01"}]

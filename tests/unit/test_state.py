@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qlaunch import state
 from qlaunch.errors import StateError, UsageError
-from qlaunch.supervisor import Supervisor
+from qlaunch.vm import state
+from qlaunch.vm.supervisor import Supervisor
 
 
 @pytest.mark.parametrize("name", ["a", "web-1", "A_b-C", "x" * 64, "0"])

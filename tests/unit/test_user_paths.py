@@ -5,7 +5,6 @@ tests/integration/test_user_paths_boot.py.
 
 from __future__ import annotations
 
-import importlib
 import re
 import shlex
 import subprocess
@@ -14,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from qlaunch import cli, profile
+from qlaunch.cli import app as cli
+from qlaunch.config import profile
 from qlaunch.errors import UsageError
-from qlaunch.host import HostFacts, Verdict
+from qlaunch.launch.host import HostFacts, Verdict
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
@@ -70,7 +70,7 @@ def _help_examples() -> Iterator[str]:
     """The `examples:` lines of qlaunch --help and of each subcommand's --help."""
     texts = [cli.EXAMPLES]
     for name in cli.COMMAND_MODULES:
-        texts.append(getattr(importlib.import_module(name), "EXAMPLES", ""))
+        texts.append(getattr(name, "EXAMPLES", ""))
     for text in texts:
         for line in text.splitlines():
             # The command, without the explanation that follows it after two spaces.
@@ -200,7 +200,7 @@ def test_sets_valid_only_together_still_load() -> None:
 
 
 def test_exec_flags_are_named_when_bad() -> None:
-    from qlaunch import testloop
+    from qlaunch.testloop import driver as testloop
 
     spec = testloop.ExecSpec(cmd=("true",), memory="lots")
     with pytest.raises(UsageError) as e:
@@ -216,7 +216,7 @@ def test_foreign_guest_reason_is_the_architecture() -> None:
 
 
 def test_attach_disk_names_a_missing_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from qlaunch import hotplug
+    from qlaunch.vm import hotplug
 
     monkeypatch.setattr(hotplug, "_running", lambda name, base: object())
     missing = tmp_path / "data.qcow2"

@@ -1,0 +1,1 @@
+"""What a guest boots: assets, kernels, initramfs, DTBs, cloud-init seeds."""

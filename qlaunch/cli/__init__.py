@@ -1,0 +1,1 @@
+"""The command line: parser, output, one module of subcommands per area."""

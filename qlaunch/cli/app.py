@@ -1,0 +1,154 @@
+"""Argument parsing, printing, and the one place errors become messages and exit codes.
+
+Subcommands live in qlaunch/commands/*: each module has `register(sub)` that adds its parsers
+and sets `func`. Heavy libraries (qemu.qmp, pyroute2, psutil) are imported inside handlers so
+that `qlaunch cmdline` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from qlaunch import __version__
+from qlaunch.cli.commands import assets, boards, control, core, image, net, vm
+from qlaunch.cli.commands import exec as exec_
+from qlaunch.errors import QlaunchError
+
+COMMAND_MODULES = [core, assets, net, image, boards, vm, control, exec_]
+
+EXAMPLES = """\
+examples:
+  qlaunch run default -- uname -a          boot, run a command in the guest, exit with its status
+  qlaunch run default                      boot it with a shell on the console (Ctrl-a x quits QEMU)
+  qlaunch cmdline aarch64-virt --json      the QEMU argv a profile makes
+  qlaunch run default --set machine.memory=1G -- free -m
+  qlaunch host --json                      QEMU binaries and whether KVM really works here
+  qlaunch assets fetch --arch x86_64,aarch64,arm
+"""
+
+
+# Subcommands that take a command for the guest after `--`.
+GUEST_CMD_PROGS = {
+    "qlaunch run": "qlaunch run PROFILE",
+    "qlaunch start": "qlaunch start PROFILE",
+    "qlaunch exec": "qlaunch exec",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with qlaunch's one-line errors: no usage block, a hint to --help instead."""
+
+    def error(self, message: str, hint: str | None = None) -> NoReturn:
+        hint = hint or f"{self.prog} --help"
+        print(f"qlaunch: error: {message} (hint: {hint})", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be: the same cleanup paths (QEMU stopped,
+    temporary files, taps and leases released) run for a killed or hung-up qlaunch."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qlaunch",
+        description="A low-level QEMU launcher: profiles to argv, runs, supervision, QMP.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qlaunch {__version__}")
+    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` is the guest's command, never qlaunch's options.
+    guest_cmd: list[str] | None = None
+    if "--" in args_list:
+        i = args_list.index("--")
+        args_list, guest_cmd = args_list[:i], args_list[i + 1 :]
+    # Error messages say "run again with --debug": it works after the subcommand too.
+    debug = "--debug" in args_list
+    args_list = [a for a in args_list if a != "--debug"]
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:
+        # Reported by the subcommand's parser, whose --help lists the options meant.
+        sub = _innermost(parser, args)
+        hint = None
+        if not unknown[0].startswith("-") and sub.prog in GUEST_CMD_PROGS:
+            usage = GUEST_CMD_PROGS[sub.prog]
+            hint = f"the guest's command goes after --: {usage} -- {' '.join(unknown)}"
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}", hint)
+    args.guest_cmd = guest_cmd
+    args.debug = debug
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="qlaunch: %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    handlers = _catch_termination()
+    try:
+        return int(args.func(args) or 0)
+    except QlaunchError as e:
+        if args.debug:
+            traceback.print_exc()
+        hint = f" (hint: {e.hint})" if e.hint else ""
+        print(f"qlaunch: error: {e.message}{hint}", file=sys.stderr)
+        return e.exit_code
+    except _Terminated as e:
+        print(f"qlaunch: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("qlaunch: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    finally:
+        for signum, old in handlers.items():
+            signal.signal(signum, old)
+
+
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The (sub)parser that parsed the last command word in args."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name is None or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
+def _catch_termination() -> dict[int, Any]:
+    """SIGTERM and SIGHUP become _Terminated; returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set there (cli.main called from a thread)
+    old: dict[int, Any] = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN:
+            continue  # nohup and the like asked for this signal to be ignored: keep it so
+        old[signum] = handler
+        signal.signal(signum, _raise_terminated)
+    return old

@@ -1,0 +1,53 @@
+"""`qlaunch assets fetch|list`: guest kernels and busybox from Debian packages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from qlaunch.cli import output
+from qlaunch.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("assets", help="guest kernels, modules, DTBs and busybox (Debian packages)")
+    asub = p.add_subparsers(dest="assets_command", metavar="ACTION", required=True)
+    f = asub.add_parser("fetch", help="download and unpack guest assets into the cache")
+    f.add_argument(
+        "--arch",
+        default="x86_64",
+        help="comma-separated asset sets: x86_64, x86_64-generic, aarch64, arm (default x86_64)",
+    )
+    f.add_argument("--force", action="store_true", help="fetch again even if present")
+    f.set_defaults(func=cmd_fetch)
+    ls = asub.add_parser("list", help="what the cache holds")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from qlaunch.boot import assets
+
+    names = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [n for n in names if n not in assets.ASSET_SETS]
+    if unknown or not names:
+        raise UsageError(
+            f"unknown asset set {unknown[0] if unknown else args.arch!r}",
+            hint="choose from " + ", ".join(assets.ASSET_SETS),
+        )
+    assets.fetch(
+        names, progress=lambda line: print(f"qlaunch: {line}", file=sys.stderr), force=args.force
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qlaunch.boot import assets
+
+    rows = assets.list_assets()
+    if args.json:
+        output.emit_json(rows)
+    else:
+        output.table(rows, ["set", "arch", "version", "present", "size_bytes", "path"])
+    return 0

@@ -1,1 +1,0 @@
-"""CLI subcommands, one module per area; cli.COMMAND_MODULES lists them."""

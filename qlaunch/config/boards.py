@@ -1,0 +1,262 @@
+"""What each (arch, machine) pair needs and allows.
+
+One record per board: the QEMU binary, the CPU, RAM and CPU-count limits, the console, the DTB,
+the storage and NIC wiring, and how its poweroff behaves. Validation and argv building both read
+these records, so a limit is written down once.
+
+The limits are QEMU 7.2's own (each one was tried against the real binary: QEMU refuses one CPU
+or MiB more, or cannot use it, as the comments say), so qlaunch refuses first with a message that
+names the profile's file and key instead of QEMU's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+ARCHES = ("x86_64", "aarch64", "arm")
+
+QEMU_BINARY = {
+    "x86_64": "qemu-system-x86_64",
+    "aarch64": "qemu-system-aarch64",
+    "arm": "qemu-system-arm",
+}
+
+# The package that ships each binary, for hints.
+QEMU_PACKAGE = {
+    "x86_64": "qemu-system-x86",
+    "aarch64": "qemu-system-arm",
+    "arm": "qemu-system-arm",
+}
+
+
+@dataclass(frozen=True)
+class Board:
+    machine: str
+    arch: str
+    description: str
+    cpu: str | None  # None: QEMU's default for the machine
+    console: str  # the guest's console= device
+    machine_opts: tuple[str, ...] = ()
+    smp_fixed: int | None = None
+    smp_max: int | None = None
+    memory_fixed_mib: int | None = None
+    memory_max_mib: int | None = None
+    memory_default_mib: int = 512
+    dtb: str | None = None  # path inside the asset set's dtbs/
+    dtb_remove: tuple[str, ...] = ()  # DTB nodes (paths) qlaunch cuts out: see qlaunch.boot.dtb
+    storage: tuple[str, ...] = ("virtio",)  # allowed [[disk]] interfaces, first is the default
+    virtio: str = "pci"  # virtio transport: pci, mmio or "" (none)
+    nic_model: str | None = "virtio-net-pci"  # None: the board has no NIC
+    acpi: bool = True  # system_powerdown reaches the guest
+    halts_on_poweroff: bool = False  # poweroff halts the CPU instead of ending QEMU
+    extra_serials: int = 0  # serial ports besides the console's, wired to null
+    console_serial: int = 0  # which -serial (0, 1, ...) the console is
+    append: tuple[str, ...] = ()  # kernel arguments the board needs
+    sd_pow2: bool = False  # SD card images must be a power of two in size
+    sd_slots: int = 0  # how many if=sd drives the board wires up
+    # The board's built-in sound device (a QEMU device type): it gets a silent audiodev, or
+    # QEMU probes the host's ALSA and fills stderr with its complaints.
+    sound: str | None = None
+    tags: tuple[str, ...] = field(default=())
+    tsc_hint: bool = False  # under TCG, pass the TSC rate: the guest cannot calibrate it
+    # QEMU models less of the board than its DTB describes, so a Debian kernel logs harmless
+    # KERN_ERR and KERN_CRIT lines at every boot; a quiet boot then shows only alerts and worse
+    # (panics and oopses still show).
+    noisy_errors: bool = False
+
+    @property
+    def binary(self) -> str:
+        return QEMU_BINARY[self.arch]
+
+
+def _register(*boards: Board) -> dict[tuple[str, str], Board]:
+    return {(b.arch, b.machine): b for b in boards}
+
+
+BOARDS = _register(
+    Board(
+        machine="q35",
+        arch="x86_64",
+        description="PC with PCIe (Q35): virtio everywhere, ACPI",
+        cpu=None,
+        console="ttyS0",
+        smp_max=288,
+        memory_default_mib=256,
+        storage=("virtio", "scsi", "ide"),
+    ),
+    Board(
+        machine="pc",
+        arch="x86_64",
+        description="legacy PC (i440FX)",
+        cpu=None,
+        console="ttyS0",
+        smp_max=255,
+        memory_default_mib=256,
+        storage=("virtio", "scsi", "ide"),
+    ),
+    Board(
+        machine="microvm",
+        arch="x86_64",
+        description="minimal x86 VM: virtio-mmio, no PCI, fastest boot",
+        cpu=None,
+        console="ttyS0",
+        smp_max=288,
+        memory_default_mib=256,
+        virtio="mmio",
+        nic_model="virtio-net-device",
+        # ACPI is what describes the virtio-mmio devices to a Debian kernel (it lacks
+        # VIRTIO_MMIO_CMDLINE_DEVICES). It is hardware-reduced ACPI, though: Linux then has no
+        # HPET or PM timer, and must measure the TSC against the PIT in a few ms at boot.
+        # Under TCG on a busy host (QEMU preempted then) that fails and the guest hangs at
+        # once ("tsc: Unable to calibrate against PIT"). tsc_hint: argv then tells the kernel
+        # the TSC rate (tsc_early_khz, the host's own under TCG), so nothing is measured.
+        machine_opts=("acpi=on",),
+        tsc_hint=True,
+        append=("reboot=t",),
+    ),
+    Board(
+        machine="virt",
+        arch="aarch64",
+        description="generic ARM64 VM: virtio-pci, generated DTB",
+        cpu="cortex-a57",
+        console="ttyAMA0",
+        smp_max=8,  # GICv2, QEMU's default interrupt controller for virt
+        storage=("virtio", "scsi"),
+        acpi=False,
+    ),
+    Board(
+        machine="virt",
+        arch="arm",
+        description="generic 32-bit ARM VM: virtio-pci, generated DTB",
+        cpu="cortex-a15",
+        console="ttyAMA0",
+        machine_opts=("highmem=off",),
+        smp_max=8,
+        # highmem=off keeps RAM below 4 GiB for non-LPAE kernels: RAM starts at 1 GiB.
+        memory_max_mib=3072,
+        storage=("virtio", "scsi"),
+        acpi=False,
+    ),
+    Board(
+        machine="vexpress-a9",
+        arch="arm",
+        description="ARM Versatile Express Cortex-A9: SD card, LAN9118",
+        cpu="cortex-a9",
+        console="ttyAMA0",
+        smp_max=4,
+        memory_max_mib=1024,  # QEMU: "vexpress-a9: cannot model more than 1GB RAM"
+        dtb="vexpress-v2p-ca9.dtb",
+        storage=("sd",),
+        virtio="",
+        nic_model="lan9118",
+        acpi=False,
+        sd_pow2=True,
+        sd_slots=1,
+        sound="pl041",
+        noisy_errors=True,
+    ),
+    Board(
+        machine="vexpress-a15",
+        arch="arm",
+        description="ARM Versatile Express Cortex-A15: SD card, LAN9118",
+        cpu="cortex-a15",
+        console="ttyAMA0",
+        smp_max=4,  # the tc1 DTB describes two of them; a guest sees no more
+        # QEMU's limit; RAM past the first 2 GiB lies above 4 GiB, for LPAE kernels only.
+        memory_max_mib=30 * 1024,
+        dtb="vexpress-v2p-ca15-tc1.dtb",
+        storage=("sd",),
+        virtio="",
+        nic_model="lan9118",
+        acpi=False,
+        sd_pow2=True,
+        sd_slots=1,
+        sound="pl041",
+        noisy_errors=True,
+    ),
+    Board(
+        machine="raspi3b",
+        arch="aarch64",
+        description="Raspberry Pi 3 Model B: 4x Cortex-A53, 1 GiB, SD card, no NIC",
+        cpu=None,
+        # The PL011 on serial0. Not the mini-UART (serial1, ttyS1): QEMU 7.2 ignores its
+        # divisor latch, so each baud rate setting prints a stray byte ("X") on the console.
+        console="ttyAMA0",
+        # QEMU: "The min CPUs supported by machine 'raspi3b' is 4" (and the max),
+        # "Invalid RAM size, should be 1 GiB".
+        smp_fixed=4,
+        memory_fixed_mib=1024,
+        memory_default_mib=1024,
+        dtb="broadcom/bcm2837-rpi-3-b.dtb",
+        # The DTB's Bluetooth chip on the PL011 makes the port a serdev bus, not a tty: the
+        # console could then be written, never read (no shell). QEMU has no such chip.
+        dtb_remove=("/soc/serial@7e201000/bluetooth",),
+        storage=("sd",),
+        virtio="",
+        nic_model=None,
+        acpi=False,
+        halts_on_poweroff=True,
+        extra_serials=1,
+        sd_pow2=True,
+        sd_slots=1,
+        noisy_errors=True,
+    ),
+    Board(
+        machine="raspi2b",
+        arch="arm",
+        description="Raspberry Pi 2 Model B: 4x Cortex-A7, 1 GiB, SD card, no NIC",
+        cpu=None,
+        console="ttyAMA0",
+        smp_fixed=4,
+        memory_fixed_mib=1024,
+        memory_default_mib=1024,
+        dtb="bcm2836-rpi-2-b.dtb",
+        storage=("sd",),
+        virtio="",
+        nic_model=None,
+        acpi=False,
+        halts_on_poweroff=True,
+        extra_serials=1,
+        sd_pow2=True,
+        sd_slots=1,
+        noisy_errors=True,
+    ),
+)
+
+DEFAULT_MACHINE = {"x86_64": "q35", "aarch64": "virt", "arm": "virt"}
+
+# Guest modules that serve only virtio devices, or the SCSI and CD-ROM a board gets only over
+# virtio. Each insmod costs TCG time: on raspi2b (4 vCPUs of 32-bit ARM) loading these took 6 s
+# of a 21 s run for nothing.
+VIRTIO_MODULES = frozenset(
+    {
+        "virtio_pci",
+        "virtio_mmio",
+        "virtio_blk",
+        "virtio_scsi",
+        "virtio_net",
+        "virtio_console",
+        "virtio_rng",
+        "9p",
+        "9pnet_virtio",
+        "netfs",
+        "virtiofs",
+        "iso9660",
+        "sr_mod",
+        "sd_mod",
+    }
+)
+
+
+def guest_modules(board: Board, modules: Iterable[str]) -> list[str]:
+    """The initramfs's default modules that can serve something on this board."""
+    return [m for m in modules if board.virtio or m not in VIRTIO_MODULES]
+
+
+def board_for(arch: str, machine: str) -> Board | None:
+    return BOARDS.get((arch, machine))
+
+
+def machines_for(arch: str) -> list[str]:
+    return [m for (a, m) in BOARDS if a == arch]

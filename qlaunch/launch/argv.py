@@ -1,0 +1,280 @@
+"""The pure argv builder: (validated profile, host facts, runtime wiring) -> list[str].
+
+Nothing here touches the file system or spawns anything, so every line of every shipped
+profile's command line is pinned by golden tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from qlaunch.config.boards import QEMU_BINARY, Board
+from qlaunch.config.profile import Disk, Net, Profile
+from qlaunch.errors import HostError
+from qlaunch.launch.host import HostFacts
+
+
+def esc(value: str) -> str:
+    """Escape a value for QEMU's KEY=VALUE,... option syntax: a comma is written twice."""
+    return value.replace(",", ",,")
+
+
+def stable_mac(vm_name: str, index: int) -> str:
+    """52:54:00:xx:xx:xx, the same for a VM's NIC on every start."""
+    h = hashlib.sha256(f"{vm_name}/{index}".encode()).digest()
+    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*h[:3])
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this one launch is wired: everything argv needs that is not in the profile."""
+
+    name: str
+    console: str = "stdio"  # "stdio", or the path of a unix socket QEMU listens on
+    console_log: str | None = None
+    qmp: str | None = None  # unix socket path QEMU listens on for QMP
+    uuid: str | None = None
+    paused: bool = False  # -S: wait for QMP `cont`
+    kernel: str | None = None  # resolved boot files (assets, generated initramfs)
+    initrd: str | None = None
+    dtb: str | None = None
+    disk_paths: tuple[str, ...] = ()  # per-disk replacement paths (throwaway overlays)
+    taps: tuple[str | None, ...] = ()  # per-NIC tap netdev options, e.g. "fd=3"
+    append_extra: tuple[str, ...] = ()
+    sandbox: bool = False
+    runas: str | None = None  # -runas USER: QEMU drops root once its files are open
+    mem_path: str | None = None  # hugetlbfs mount for [resources] hugepages (found at start)
+    extra: tuple[str, ...] = field(default=())
+
+
+# PCIe devices cannot be hotplugged onto the root bus: q35 gets this many empty root ports.
+HOTPLUG_PORTS = 4
+RAM_BACKEND = "qlaunch-ram"
+
+
+def hotplug_port_ids(board: Board) -> tuple[str, ...]:
+    """The ids of the pcie-root-ports argv gives a board for hotplug (see qlaunch.vm.hotplug)."""
+    if board.machine != "q35":
+        return ()
+    return tuple(f"qlaunch-hp{i}" for i in range(HOTPLUG_PORTS))
+
+
+def choose_accel(profile: Profile, host: HostFacts) -> tuple[str, str | None]:
+    """-> (accelerator, note). The note explains a fallback and is shown on stderr."""
+    want = profile.machine.accel
+    if want == "tcg":
+        return "tcg", None
+    verdict = host.kvm_for(profile.machine.arch)
+    if verdict.usable:
+        return "kvm", None
+    if want == "kvm":
+        raise HostError(
+            f"KVM was asked for but is not usable: {verdict.reason}",
+            hint='set [machine] accel = "auto" or "tcg" (or --set machine.accel=tcg)',
+        )
+    return "tcg", f"using TCG (software emulation): {verdict.reason}"
+
+
+def kernel_cmdline(profile: Profile, rt: Runtime, tsc_khz: int | None = None) -> str:
+    board = profile.board
+    args = [f"console={profile.console_tty}", "panic=-1", *board.append]
+    if tsc_khz:
+        args.append(f"tsc_early_khz={tsc_khz}")
+    if profile.boot.quiet:
+        args.append("quiet")
+        if board.noisy_errors:
+            args.append("loglevel=2")
+    if profile.boot.initrd == "qlaunch" and any(d.interface == "sd" for d in profile.disks):
+        # The card is found after init starts; boards have one slot, so it is mmcblk0.
+        args.append("qlaunch.waitdev=mmcblk0")
+    args.extend(rt.append_extra)
+    if profile.boot.append:
+        args.append(profile.boot.append)
+    return " ".join(args)
+
+
+def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
+    board = profile.board
+    m = profile.machine
+    accel, _ = choose_accel(profile, host)
+    binary = profile.qemu_binary or host.qemu.get(m.arch) or QEMU_BINARY[m.arch]
+    argv = [binary, "-name", f"guest={esc(rt.name)},debug-threads=on"]
+    if rt.uuid:
+        argv += ["-uuid", rt.uuid]
+    argv += ["-machine", ",".join([board.machine, *board.machine_opts, *_machine_res(profile)])]
+    argv += ["-accel", accel]
+    cpu = "host" if accel == "kvm" else (m.cpu or board.cpu)
+    if cpu:
+        argv += ["-cpu", cpu]
+    argv += ["-smp", str(m.smp), "-m", f"{m.memory_mib}M"]
+    if profile.resources.hugepages:
+        # prealloc: too few free hugepages fail the start, not the guest later (SIGBUS).
+        mem_path = esc(rt.mem_path or "/dev/hugepages")
+        argv += [
+            "-object",
+            f"memory-backend-file,id={RAM_BACKEND},size={m.memory_mib}M,mem-path={mem_path},"
+            "prealloc=on",
+        ]
+    argv += ["-nodefaults", "-no-user-config", "-no-reboot"]
+    if rt.paused:
+        argv.append("-S")
+    argv += _display(profile)
+    argv += _console(profile, rt)
+    if rt.qmp:
+        argv += [
+            "-chardev",
+            f"socket,id=qmp,path={esc(rt.qmp)},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]
+    kernel = rt.kernel or profile.boot.kernel
+    if kernel:
+        argv += ["-kernel", kernel]
+        initrd = rt.initrd or profile.boot.initrd
+        if initrd:
+            argv += ["-initrd", initrd]
+        dtb = rt.dtb or profile.boot.dtb
+        if dtb:
+            argv += ["-dtb", dtb]
+        tsc = host.tsc_khz if accel == "tcg" and board.tsc_hint else None
+        argv += ["-append", kernel_cmdline(profile, rt, tsc)]
+    argv += _disks(profile, rt)
+    argv += _nets(profile, rt)
+    if board.sound:
+        # A silent backend, or QEMU opens the host's ALSA and complains on stderr.
+        argv += ["-audiodev", "none,id=snd0", "-global", f"{board.sound}.audiodev=snd0"]
+    if board.virtio:
+        argv += ["-device", _virtio(board.virtio, "virtio-rng")]
+    for i, port in enumerate(hotplug_port_ids(board)):
+        argv += ["-device", f"pcie-root-port,id={port},chassis={i + 1}"]
+    if rt.sandbox:
+        # -runas needs setuid/setgid (7.2 kills QEMU with SIGSYS under elevateprivileges=deny
+        # or children); once it has dropped root it cannot regain it. User-mode SMB runs smbd.
+        elevate = "allow" if rt.runas else "deny"
+        spawn = "allow" if any(n.smb for n in profile.nets) else "deny"
+        argv += [
+            "-sandbox",
+            f"on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny",
+        ]
+    if rt.runas:
+        argv += ["-runas", rt.runas]
+    argv += list(rt.extra)
+    argv += list(profile.qemu_extra)
+    return argv
+
+
+def _machine_res(profile: Profile) -> list[str]:
+    r = profile.resources
+    opts = []
+    if r.mem_merge is not None:
+        opts.append(f"mem-merge={'on' if r.mem_merge else 'off'}")
+    if r.hugepages:
+        opts.append(f"memory-backend={RAM_BACKEND}")
+    return opts
+
+
+def _virtio(transport: str, device: str) -> str:
+    return f"{device}-{'device' if transport == 'mmio' else 'pci'}"
+
+
+def _display(profile: Profile) -> list[str]:
+    if profile.display == "vnc":
+        dev = "VGA" if profile.machine.arch == "x86_64" else "virtio-gpu-pci"
+        return ["-display", "none", "-vnc", esc(profile.vnc), "-device", dev]
+    return ["-display", "none"]
+
+
+def _console(profile: Profile, rt: Runtime) -> list[str]:
+    if rt.console == "stdio":
+        # mux with a monitor keeps QEMU's Ctrl-a x escape; signal=off hands Ctrl-c to the guest.
+        chardev = "stdio,id=console,mux=on,signal=off"
+        mon = ["-mon", "chardev=console,mode=readline"]
+    else:
+        chardev = f"socket,id=console,path={esc(rt.console)},server=on,wait=off"
+        mon = []
+    if rt.console_log:
+        chardev += f",logfile={esc(rt.console_log)},logappend=on"
+    board = profile.board
+    serials = ["null"] * (1 + board.extra_serials)
+    serials[board.console_serial] = "chardev:console"
+    argv = ["-chardev", chardev]
+    for s in serials:
+        argv += ["-serial", s]
+    return argv + mon
+
+
+def _disks(profile: Profile, rt: Runtime) -> list[str]:
+    board = profile.board
+    argv: list[str] = []
+    have_scsi = False
+    for i, d in enumerate(profile.disks):
+        path = rt.disk_paths[i] if i < len(rt.disk_paths) and rt.disk_paths[i] else d.path
+        drive = _drive_opts(d, path)
+        if d.interface == "sd":
+            argv += ["-drive", f"{drive},if=sd,index={i}"]
+            continue
+        argv += ["-drive", f"{drive},if=none,id=disk{i}"]
+        dev = f"drive=disk{i},id=disk{i}-dev"
+        cdrom = d.media == "cdrom"
+        if cdrom and d.interface == "ide":
+            argv += ["-device", f"ide-cd,{dev}"]
+        elif cdrom or d.interface == "scsi":
+            # A CD-ROM goes on virtio-scsi unless IDE is asked for: Debian's cloud kernel has
+            # no AHCI driver, so an IDE CD-ROM on q35 would be invisible to it.
+            if not have_scsi:
+                argv += ["-device", _virtio(board.virtio or "pci", "virtio-scsi") + ",id=scsi0"]
+                have_scsi = True
+            argv += ["-device", f"{'scsi-cd' if cdrom else 'scsi-hd'},{dev},bus=scsi0.0"]
+        elif d.interface == "ide":
+            argv += ["-device", f"ide-hd,{dev}"]
+        else:
+            argv += ["-device", f"{_virtio(board.virtio, 'virtio-blk')},{dev}"]
+    return argv
+
+
+def _drive_opts(d: Disk, path: str) -> str:
+    # file.driver=file pins the protocol, so a path like "nbd:x" or "json:{...}" stays a path.
+    opts = [f"file.driver=file,file.filename={esc(path)}", f"format={d.format}", f"cache={d.cache}"]
+    if d.readonly:
+        opts.append("readonly=on")
+    if d.media == "cdrom":
+        opts.append("media=cdrom")
+    if d.snapshot:
+        opts.append("snapshot=on")
+    return ",".join(opts)
+
+
+def _nets(profile: Profile, rt: Runtime) -> list[str]:
+    board = profile.board
+    argv: list[str] = []
+    for i, n in enumerate(profile.nets):
+        mac = n.mac or stable_mac(rt.name, i)
+        backend = _netdev(n, rt, i)
+        model = n.model or board.nic_model
+        assert model is not None  # validated: boards without a NIC need an explicit model
+        if model in ("lan9118", "smc91c111"):
+            # On-board NICs are created by the board from -nic, not with -device.
+            argv += ["-nic", f"{backend},model={model},mac={mac}"]
+        else:
+            argv += [
+                "-netdev",
+                f"{backend},id=net{i}",
+                "-device",
+                f"{model},netdev=net{i},mac={mac},id=net{i}-dev",
+            ]
+    return argv
+
+
+def _netdev(n: Net, rt: Runtime, i: int) -> str:
+    if n.mode == "user":
+        opts = ["user"]
+        opts += [f"hostfwd={esc(f)}" for f in n.forward]
+        if n.smb:
+            opts.append(f"smb={esc(n.smb)}")
+        return ",".join(opts)
+    tap = rt.taps[i] if i < len(rt.taps) else None
+    if tap is None:
+        # Argv for display (qlaunch cmdline): the tap is made at start time.
+        return f"tap,ifname=<tap of {n.network or n.bridge}>,script=no,downscript=no"
+    return f"tap,{tap}"

@@ -1,0 +1,128 @@
+"""Probing the host once: QEMU binaries, accelerator usability and why, tun.
+
+HostFacts is plain data so that argv building stays pure and tests can fake a host with
+hardware KVM. Only `probe()` touches the system.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from qlaunch.config.boards import QEMU_BINARY
+
+KVM_CREATE_VM = 0xAE01  # _IO(KVMIO=0xAE, 0x01)
+HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd")
+# Arm hosts have KVM built into the kernel proper, without a vendor module.
+_HOST_ARCH = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "aarch64": "aarch64",
+    "arm64": "aarch64",
+    "armv7l": "arm",
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    usable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    arch: str
+    kvm: Verdict
+    qemu: dict[str, str | None] = field(default_factory=dict)  # arch -> binary path or None
+    tun: bool = False
+    # The host's TSC rate: under TCG a guest's TSC ticks at it (QEMU reads the host's TSC).
+    tsc_khz: int | None = None
+
+    def kvm_for(self, guest_arch: str) -> Verdict:
+        """KVM runs a guest only of the host's own architecture (said first: for a foreign
+        guest that is the reason, whatever the state of /dev/kvm)."""
+        if guest_arch != self.arch:
+            return Verdict(False, f"KVM cannot run {guest_arch} guests on this {self.arch} host")
+        return self.kvm
+
+
+def host_arch() -> str:
+    m = platform.machine()
+    return _HOST_ARCH.get(m, m)
+
+
+def probe_kvm(dev: str = "/dev/kvm", sys_module: str = "/sys/module") -> Verdict:
+    if not os.path.exists(dev):
+        return Verdict(
+            False, f"{dev} does not exist (no KVM module loaded, or nested virtualisation is off)"
+        )
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return Verdict(
+            False, f"cannot open {dev} read-write: {e.strerror} (add yourself to the kvm group)"
+        )
+    try:
+        try:
+            vm = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
+        except OSError as e:
+            return Verdict(False, f"KVM_CREATE_VM on {dev} failed: {e.strerror}")
+        os.close(vm)
+    finally:
+        os.close(fd)
+    loaded = (
+        [m for m in os.listdir(sys_module) if m.startswith("kvm")]
+        if os.path.isdir(sys_module)
+        else []
+    )
+    hw = [m for m in loaded if m in HARDWARE_KVM_MODULES]
+    if hw:
+        return Verdict(True, f"{dev} works ({hw[0]})")
+    if host_arch() == "aarch64" and "kvm" in loaded:
+        return Verdict(True, f"{dev} works (kvm)")
+    others = [m for m in loaded if m != "kvm"]
+    if others:
+        return Verdict(
+            False,
+            f"{dev} is provided by {others[0]}, not kvm_intel/kvm_amd (no VMX/SVM): "
+            "standard guest kernels hang under it",
+        )
+    return Verdict(False, f"{dev} has no hardware KVM module (kvm_intel or kvm_amd) behind it")
+
+
+def probe() -> HostFacts:
+    return HostFacts(
+        arch=host_arch(),
+        kvm=probe_kvm(),
+        qemu={arch: shutil.which(binary) for arch, binary in QEMU_BINARY.items()},
+        tun=os.path.exists("/dev/net/tun"),
+        tsc_khz=probe_tsc_khz(),
+    )
+
+
+def probe_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int | None:
+    """The host's TSC rate in kHz, where the TSC is constant (else None)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read(16384)
+    except OSError:
+        return None
+    if " constant_tsc" not in text:
+        return None
+    m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.M)
+    return round(float(m.group(1)) * 1000) if m else None
+
+
+def qemu_version(binary: str) -> str | None:
+    """`qemu-system-x86_64 --version` -> "7.2.19"; costs a process, so only for reports."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"version (\S+)", out.stdout)
+    return m.group(1) if m else None

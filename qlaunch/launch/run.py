@@ -1,0 +1,203 @@
+"""`qlaunch run`: QEMU in the foreground, its serial console on the terminal.
+
+With a command, the guest init prints `QLAUNCH_EXIT=N` after it; we strip that line from what the
+user sees and return N. Boards whose poweroff only halts (raspi) are ended here once the console
+says so, since QEMU would otherwise wait forever.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from qlaunch.config.profile import Profile
+from qlaunch.errors import QemuError, QlaunchError
+from qlaunch.launch import argv as argvmod
+from qlaunch.launch import disks, resolve
+from qlaunch.launch.host import HostFacts
+from qlaunch.spawn import spawn, stop_child
+
+EXIT_RE = re.compile(rb"QLAUNCH_EXIT=(\d+)")
+HALT_RE = re.compile(rb"reboot: (System halted|Power down)")
+MARKER = b"QLAUNCH_EXIT="
+
+# Exit codes of our own, documented in the README.
+EXIT_NO_STATUS = 120  # the guest ended without reporting the command's status
+
+
+@dataclass
+class ConsoleFilter:
+    """Passes console bytes through, strips the exit marker line, and watches for the end."""
+
+    write: Callable[[bytes], None]
+    status: int | None = None
+    halted: bool = False
+    tail: deque[bytes] = field(default_factory=lambda: deque(maxlen=30))
+    _held: bytes = b""
+    _line: bytes = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self._held + data
+        self._held = b""
+        out = []
+        for piece in data.splitlines(keepends=True):
+            if not piece.endswith(b"\n"):
+                # A partial line that may yet become the marker waits for its end.
+                if MARKER.startswith(piece.lstrip(b"\r")[: len(MARKER)]) or MARKER in piece:
+                    self._held = piece
+                    continue
+                if self.status is None:
+                    out.append(piece)
+                self._track(piece, complete=False)
+                continue
+            m = EXIT_RE.search(piece)
+            if m:
+                self.status = int(m.group(1))
+                before = piece[: m.start()]
+                if before.strip():
+                    out.append(before + b"\n")
+                continue
+            if self.status is None:
+                out.append(piece)
+            # After the command's status only shutdown chatter follows; keep it for the tail.
+            self._track(piece, complete=True)
+        if out:
+            self.write(b"".join(out))
+
+    def _track(self, piece: bytes, complete: bool) -> None:
+        self._line += piece
+        if complete:
+            line = self._line.rstrip(b"\r\n")
+            self._line = b""
+            self.tail.append(line)
+            if HALT_RE.search(line):
+                self.halted = True
+
+    def flush(self) -> None:
+        if self._held:
+            self.write(self._held)
+            self._held = b""
+
+
+@dataclass
+class RunResult:
+    status: int  # what `qlaunch run` exits with
+    qemu_returncode: int
+    command_status: int | None
+    console_tail: list[str]
+
+
+def run(
+    profile: Profile,
+    host: HostFacts,
+    cmd: list[str] | None = None,
+    *,
+    out: BinaryIO | None = None,
+    note: Callable[[str], None] | None = None,
+) -> RunResult:
+    out = out or sys.stdout.buffer
+    _, accel_note = argvmod.choose_accel(profile, host)
+    if accel_note and note:
+        note(accel_note)
+    from qlaunch.net import attach, netns
+
+    with (
+        tempfile.TemporaryDirectory(prefix="qlaunch-run-") as tmp,
+        # Taps for [[net]] mode = network/bridge ($QLAUNCH_NETNS: all of it in that namespace).
+        attach.nics_for(profile, profile.name, netns.from_env(None)) as nics,
+    ):
+        files = resolve.boot_files(profile, cmd, Path(tmp))
+        rt = argvmod.Runtime(
+            name=profile.name,
+            kernel=files.kernel,
+            initrd=files.initrd,
+            dtb=files.dtb,
+            disk_paths=disks.prepare_disks(profile, Path(tmp), note=note),
+            taps=nics.taps,
+            append_extra=nics.append,
+        )
+        argv = argvmod.build_argv(profile, host, rt)
+        return _drive(profile, argv, out, bool(cmd), nics.fds)
+
+
+def _drive(
+    profile: Profile, argv: list[str], out: BinaryIO, has_cmd: bool, pass_fds: list[int]
+) -> RunResult:
+    def write(b: bytes) -> None:
+        if has_cmd:
+            # The guest tty writes CR LF; a command's output read from a pipe wants plain LF.
+            b = b.replace(b"\r\n", b"\n")
+        out.write(b)
+        out.flush()
+
+    filt = ConsoleFilter(write)
+    try:
+        proc = spawn(
+            argv,
+            # Without a command the console is the user's: their terminal or a pipe feeds it.
+            stdin=subprocess.DEVNULL if has_cmd else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            die_with_parent=True,
+        )
+    except FileNotFoundError:
+        raise QemuError(
+            f"{argv[0]} is not installed",
+            hint="apt-get install -y qemu-system-x86 qemu-system-arm",
+        ) from None
+    errbuf: list[bytes] = []
+    err_thread = threading.Thread(target=_collect, args=(proc, errbuf), daemon=True)
+    err_thread.start()
+    ended_by_us = False
+    try:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            filt.feed(chunk)
+            if filt.halted and profile.board.halts_on_poweroff:
+                # The guest has halted its CPUs; QEMU itself would never exit.
+                ended_by_us = True
+                stop_child(proc, grace=2.0)
+                break
+    except KeyboardInterrupt:
+        stop_child(proc)
+        raise
+    finally:
+        filt.flush()
+    rc = proc.wait()
+    err_thread.join(timeout=2)
+    stderr = b"".join(errbuf).decode(errors="replace").strip()
+    tail = [line.decode(errors="replace") for line in filt.tail]
+    if rc != 0 and not ended_by_us and filt.status is None:
+        last = stderr.splitlines()[-1] if stderr else f"exit status {rc}"
+        raise QemuError(f"QEMU failed: {last}")
+    if has_cmd:
+        if filt.status is None:
+            raise QlaunchError(
+                "the guest ended without reporting the command's exit status "
+                f"(last console line: {tail[-1] if tail else 'none'!r})",
+                hint="run again with --debug, or look for a kernel panic above",
+                exit_code=EXIT_NO_STATUS,
+            )
+        return RunResult(filt.status, rc, filt.status, tail)
+    return RunResult(0, rc, None, tail)
+
+
+def _collect(proc: subprocess.Popen[bytes], buf: list[bytes]) -> None:
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    while chunk := os.read(fd, 65536):
+        buf.append(chunk)

@@ -1,0 +1,1 @@
+"""Disk images: qemu-img, SD cards, who holds an image."""

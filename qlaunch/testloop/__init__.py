@@ -1,0 +1,1 @@
+"""The kernel test loop behind `qlaunch exec`: spec, driver, console scanner, matrix."""

@@ -1,0 +1,319 @@
+"""`qlaunch exec` on several profiles at once: parallel runs, a summary, JUnit and JSON files.
+
+Runs are threads, each driving its own QEMU (the emulation happens in QEMU's processes, so a
+thread per run costs nothing); at most `jobs` at once, by default one per host core. Each run's
+output lines reach the terminal as they come, prefixed with the run's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import threading
+import time
+import tomllib
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from qlaunch.errors import QlaunchError, UsageError
+from qlaunch.testloop import driver as testloop
+
+# Matrix file keys and the ExecSpec field each sets (lists where the CLI flag repeats).
+_KEYS: dict[str, tuple[str, type]] = {
+    "name": ("name", str),
+    "profile": ("profile", str),
+    "kernel": ("kernel", str),
+    "arch": ("arch", str),
+    "modules": ("modules", str),
+    "module": ("module", list),
+    "share": ("shares", list),
+    "set": ("sets", list),
+    "cmd": ("cmd", list),
+    "cpus": ("cpus", int),
+    "memory": ("memory", str),
+    "append": ("append", str),
+    "timeout": ("timeout", float),
+    "watchdog": ("watchdog", float),
+    "fail_on_warn": ("fail_on_warn", bool),
+    "boot_failure_exit": ("boot_failure_exit", int),
+}
+
+
+def _apply(spec: testloop.ExecSpec, table: dict[str, Any], where: str) -> testloop.ExecSpec:
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "run":
+            continue
+        if key not in _KEYS:
+            raise UsageError(
+                f"{where}: unknown key {key!r}", hint="known keys: " + ", ".join(sorted(_KEYS))
+            )
+        field_name, typ = _KEYS[key]
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if typ is float
+            else isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        )
+        if not ok or (typ is list and not all(isinstance(v, str) for v in value)):
+            raise UsageError(f"{where}: {key} must be a {typ.__name__}, not {value!r}")
+        if key == "share":
+            value = tuple(testloop.parse_share(v) for v in value)
+        elif typ is list:
+            value = tuple(value)
+        elif typ is float:
+            value = float(value)
+        changes[field_name] = value
+    return dataclasses.replace(spec, **changes)
+
+
+def load_matrix(path: str, base: testloop.ExecSpec) -> list[testloop.ExecSpec]:
+    """Specs from a TOML file: top-level keys apply to every [[run]], a run's own keys win.
+
+    timeout = 600
+    cmd = ["sh", "-c", "uname -m"]
+    [[run]]
+    profile = "default"
+    [[run]]
+    name = "arm64"
+    profile = "aarch64-virt"
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"--matrix {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--matrix {path}: not valid TOML: {e}") from None
+    runs = data.get("run")
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        raise UsageError(f"--matrix {path}: needs at least one [[run]] table")
+    common = _apply(base, data, path)
+    return [_apply(common, r, f"{path}: [[run]] #{i}") for i, r in enumerate(runs)]
+
+
+def unique_names(specs: Sequence[testloop.ExecSpec]) -> list[testloop.ExecSpec]:
+    """Every run gets a distinct name (its profile's, numbered when one repeats)."""
+    out: list[testloop.ExecSpec] = []
+    seen: dict[str, int] = {}
+    for s in specs:
+        name = s.name or s.profile or (s.kernel or "default").replace("asset:", "")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        out.append(dataclasses.replace(s, name=name))
+    return out
+
+
+class PrefixSink:
+    """Whole lines, prefixed with the run's name, so parallel runs stay readable."""
+
+    def __init__(
+        self,
+        name: str,
+        lock: threading.Lock,
+        note: Callable[[str], None],
+        shown: set[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.lock = lock
+        self._note = note
+        # Notes every run gives alike (the accelerator's) are shown once, without a name.
+        self._shown = shown if shown is not None else set()
+        self.notes: list[str] = []
+        self._held: dict[str, bytes] = {"out": b"", "err": b""}
+
+    def _lines(self, which: str, data: bytes, stream: BinaryIO) -> None:
+        data = self._held[which] + data
+        *lines, self._held[which] = data.split(b"\n")
+        if lines:
+            prefix = f"[{self.name}] ".encode()
+            with self.lock:
+                stream.write(b"".join(prefix + ln + b"\n" for ln in lines))
+                stream.flush()
+
+    def stdout(self, data: bytes) -> None:
+        self._lines("out", data, sys.stdout.buffer)
+
+    def stderr(self, data: bytes) -> None:
+        self._lines("err", data, sys.stderr.buffer)
+
+    def console(self, data: bytes) -> None:
+        self._lines("err", data, sys.stderr.buffer)
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        with self.lock:
+            if message.startswith("using TCG"):
+                if message not in self._shown:
+                    self._shown.add(message)
+                    self._note(message)
+                return
+            self._note(f"[{self.name}] {message}")
+
+    def close(self) -> None:
+        for which, stream in (("out", sys.stdout.buffer), ("err", sys.stderr.buffer)):
+            if self._held[which]:
+                self._lines(which, b"\n", stream)
+
+
+def _error_result(spec: testloop.ExecSpec, e: QlaunchError) -> testloop.Result:
+    hint = f" (hint: {e.hint})" if e.hint else ""
+    return testloop.Result(
+        name=spec.name or "run",
+        code=e.exit_code,
+        stdout="",
+        stderr="",
+        console="",
+        verdict="error",
+        message=f"{e.message}{hint}",
+        profile=spec.profile or "",
+        kernel=spec.kernel or "",
+    )
+
+
+def run_matrix(
+    specs: Sequence[testloop.ExecSpec],
+    *,
+    jobs: int | None = None,
+    show_console: bool = False,
+    note: Callable[[str], None],
+) -> list[testloop.Result]:
+    specs = unique_names(specs)
+    lock = threading.Lock()
+    shown: set[str] = set()
+    workers = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
+
+    threads: set[threading.Thread] = set()
+    interrupted = threading.Event()
+
+    def one(spec: testloop.ExecSpec) -> testloop.Result:
+        assert spec.name is not None
+        with lock:
+            threads.add(threading.current_thread())
+        sink = PrefixSink(spec.name, lock, note, shown)
+        try:
+            result = testloop.run_spec(spec, sink, show_console=show_console)
+        except QlaunchError as e:
+            result = _error_result(spec, e)
+        finally:
+            sink.close()
+        if not interrupted.is_set():  # a run we killed has nothing to report
+            for line in result.report():
+                sink.note(line)
+        return result
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qlaunch-exec") as pool:
+        futures = [pool.submit(one, spec) for spec in specs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            # Ctrl-C or SIGTERM: end the runs now rather than wait for each to finish.
+            interrupted.set()
+            for f in futures:
+                f.cancel()
+            while not all(f.done() for f in futures):
+                with lock:
+                    running = set(threads)
+                testloop.kill_runs(running)
+                wait(futures, timeout=0.2)
+            raise
+
+
+def summary_rows(results: Sequence[testloop.Result]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": r.name,
+            "profile": r.profile,
+            "kernel": r.kernel,
+            "result": "ok" if r.ok else ("failed" if r.verdict == "exit" else r.verdict),
+            "code": r.code,
+            "time": f"{r.duration:.1f}s",
+        }
+        for r in results
+    ]
+
+
+SUMMARY_COLUMNS = ("name", "profile", "kernel", "result", "code", "time")
+
+# XML 1.0 allows no control characters but tab, LF and CR.
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _XML_BAD.sub("\ufffd", text)
+
+
+def junit_xml(results: Sequence[testloop.Result], suite: str = "qlaunch exec") -> bytes:
+    failures = sum(1 for r in results if not r.ok and r.verdict != "error")
+    errors = sum(1 for r in results if r.verdict == "error")
+    total_time = f"{sum(r.duration for r in results):.3f}"
+    root = ET.Element(
+        "testsuites",
+        name=suite,
+        tests=str(len(results)),
+        failures=str(failures),
+        errors=str(errors),
+        time=total_time,
+    )
+    ts = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(results)),
+        failures=str(failures),
+        errors=str(errors),
+        skipped="0",
+        time=total_time,
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    for r in results:
+        tc = ET.SubElement(
+            ts,
+            "testcase",
+            classname=f"qlaunch.exec.{r.profile or 'run'}",
+            name=r.name,
+            time=f"{r.duration:.3f}",
+        )
+        if r.verdict == "error":
+            el = ET.SubElement(tc, "error", message=_xml_text(r.message), type="error")
+            el.text = _xml_text(r.message)
+        elif not r.ok:
+            message = r.message or f"exit status {r.code}"
+            el = ET.SubElement(tc, "failure", message=_xml_text(message), type=r.verdict)
+            el.text = _xml_text("\n".join(r.report()) or message)
+        if r.stdout:
+            ET.SubElement(tc, "system-out").text = _xml_text(r.stdout)
+        if r.stderr:
+            ET.SubElement(tc, "system-err").text = _xml_text(r.stderr)
+    ET.indent(root)
+    return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True)) + b"\n"
+
+
+def write_junit(path: str, results: Sequence[testloop.Result]) -> None:
+    _write(path, junit_xml(results))
+
+
+def write_json(path: str, results: Sequence[testloop.Result]) -> None:
+    doc = {
+        "ok": all(r.ok for r in results),
+        "runs": [r.as_dict() for r in results],
+    }
+    _write(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _write(path: str, data: bytes) -> None:
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
