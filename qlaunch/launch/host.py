@@ -12,13 +12,13 @@ import platform
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qlaunch.config.boards import QEMU_BINARY
 
 KVM_CREATE_VM = 0xAE01  # _IO(KVMIO=0xAE, 0x01)
 HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd")
-# Arm hosts have KVM built into the kernel proper, without a vendor module.
 _HOST_ARCH = {
     "x86_64": "x86_64",
     "amd64": "x86_64",
@@ -56,25 +56,42 @@ def host_arch() -> str:
     return _HOST_ARCH.get(m, m)
 
 
-def probe_kvm(dev: str = "/dev/kvm", sys_module: str = "/sys/module") -> Verdict:
-    if not os.path.exists(dev):
-        return Verdict(
-            False, f"{dev} does not exist (no KVM module loaded, or nested virtualisation is off)"
-        )
+KVM_DEV = "/dev/kvm"
+
+
+def kvm_create_vm(dev: str) -> str | None:
+    """Open dev read-write and make a VM on it: None when that works, else why not."""
     try:
         fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        return Verdict(
-            False, f"cannot open {dev} read-write: {e.strerror} (add yourself to the kvm group)"
-        )
+        return f"cannot open {KVM_DEV} read-write: {e.strerror} (add yourself to the kvm group)"
     try:
-        try:
-            vm = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
-        except OSError as e:
-            return Verdict(False, f"KVM_CREATE_VM on {dev} failed: {e.strerror}")
-        os.close(vm)
+        vm = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
+    except OSError as e:
+        return f"KVM_CREATE_VM on {KVM_DEV} failed: {e.strerror}"
     finally:
         os.close(fd)
+    os.close(vm)
+    return None
+
+
+def probe_kvm(
+    root: str | os.PathLike[str] = "/",
+    create_vm: Callable[[str], str | None] = kvm_create_vm,
+    arch: str | None = None,
+) -> Verdict:
+    """Whether KVM really runs standard guests here. root: where /dev and /sys are (tests give
+    a fake tree); create_vm: the KVM_CREATE_VM check, given the device's path under root."""
+    dev = os.path.join(root, KVM_DEV.lstrip("/"))
+    sys_module = os.path.join(root, "sys/module")
+    if not os.path.exists(dev):
+        return Verdict(
+            False,
+            f"{KVM_DEV} does not exist (no KVM module loaded, or nested virtualisation is off)",
+        )
+    why = create_vm(dev)
+    if why is not None:
+        return Verdict(False, why)
     loaded = (
         [m for m in os.listdir(sys_module) if m.startswith("kvm")]
         if os.path.isdir(sys_module)
@@ -82,17 +99,18 @@ def probe_kvm(dev: str = "/dev/kvm", sys_module: str = "/sys/module") -> Verdict
     )
     hw = [m for m in loaded if m in HARDWARE_KVM_MODULES]
     if hw:
-        return Verdict(True, f"{dev} works ({hw[0]})")
-    if host_arch() == "aarch64" and "kvm" in loaded:
-        return Verdict(True, f"{dev} works (kvm)")
-    others = [m for m in loaded if m != "kvm"]
+        return Verdict(True, f"{KVM_DEV} works ({hw[0]})")
+    # Arm hosts have KVM in the kernel proper, without a vendor module.
+    if (arch or host_arch()) == "aarch64" and "kvm" in loaded:
+        return Verdict(True, f"{KVM_DEV} works (kvm)")
+    others = sorted(m for m in loaded if m != "kvm")
     if others:
         return Verdict(
             False,
-            f"{dev} is provided by {others[0]}, not kvm_intel/kvm_amd (no VMX/SVM): "
+            f"{KVM_DEV} is provided by {others[0]}, not kvm_intel/kvm_amd (no VMX/SVM): "
             "standard guest kernels hang under it",
         )
-    return Verdict(False, f"{dev} has no hardware KVM module (kvm_intel or kvm_amd) behind it")
+    return Verdict(False, f"{KVM_DEV} has no hardware KVM module (kvm_intel or kvm_amd) behind it")
 
 
 def probe() -> HostFacts:
@@ -105,10 +123,11 @@ def probe() -> HostFacts:
     )
 
 
-def probe_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int | None:
-    """The host's TSC rate in kHz, where the TSC is constant (else None)."""
+def probe_tsc_khz(root: str | os.PathLike[str] = "/") -> int | None:
+    """The host's TSC rate in kHz, where the TSC is constant (else None). root: where /proc
+    is (tests give a fake tree)."""
     try:
-        with open(cpuinfo) as f:
+        with open(os.path.join(root, "proc/cpuinfo")) as f:
             text = f.read(16384)
     except OSError:
         return None
