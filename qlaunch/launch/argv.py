@@ -7,7 +7,7 @@ profile's command line is pinned by golden tests.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qlaunch.config.boards import QEMU_BINARY, Board
 from qlaunch.config.profile import Disk, Net, Profile
@@ -27,8 +27,30 @@ def stable_mac(vm_name: str, index: int) -> str:
 
 
 @dataclass(frozen=True)
+class Port:
+    """A virtio console port whose guest side is /dev/virtio-ports/NAME; QEMU writes what the
+    guest sends into the file descriptor fd (None: shown as a placeholder)."""
+
+    name: str
+    fd: int | None
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory QEMU exports over 9p under a mount tag."""
+
+    tag: str
+    path: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class Runtime:
-    """How this one launch is wired: everything argv needs that is not in the profile."""
+    """How this one launch is wired: everything argv needs that is not in the profile.
+
+    Built by qlaunch.launch.plan for each entry (run, start, exec, restore); a field left None
+    is shown as a <placeholder> by `qlaunch cmdline`.
+    """
 
     name: str
     console: str = "stdio"  # "stdio", or the path of a unix socket QEMU listens on
@@ -45,7 +67,12 @@ class Runtime:
     sandbox: bool = False
     runas: str | None = None  # -runas USER: QEMU drops root once its files are open
     mem_path: str | None = None  # hugetlbfs mount for [resources] hugepages (found at start)
-    extra: tuple[str, ...] = field(default=())
+    monitor: bool = False  # the supervisor's private QMP monitor on an inherited socket
+    monitor_fd: int | None = None
+    ports: tuple[Port, ...] = ()  # exec: virtio console ports for stdout, stderr, status
+    shares: tuple[Share, ...] = ()  # exec: 9p shares
+    hotplug: tuple[str, ...] = ()  # restore: the arguments of devices hotplugged before a save
+    incoming: str | None = None  # restore: -incoming (defer: QMP migrate-incoming later)
 
 
 # PCIe devices cannot be hotplugged onto the root bus: q35 gets this many empty root ports.
@@ -159,8 +186,47 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
         ]
     if rt.runas:
         argv += ["-runas", rt.runas]
-    argv += list(rt.extra)
+    argv += _shares(board, rt.shares)
+    argv += _ports(board, rt.ports)
+    if rt.monitor:
+        fd = rt.monitor_fd if rt.monitor_fd is not None else "<fd: supervisor monitor>"
+        argv += [
+            "-chardev",
+            f"socket,id=qlaunch-sup,fd={fd}",
+            "-mon",
+            "chardev=qlaunch-sup,mode=control",
+        ]
+    argv += list(rt.hotplug)
+    if rt.incoming:
+        argv += ["-incoming", rt.incoming]
     argv += list(profile.qemu_extra)
+    return argv
+
+
+def _shares(board: Board, shares: tuple[Share, ...]) -> list[str]:
+    argv: list[str] = []
+    for i, s in enumerate(shares):
+        fsdev = f"local,id=qlfs{i},path={esc(s.path)},security_model=none"
+        if s.readonly:
+            fsdev += ",readonly=on"
+        dev = _virtio(board.virtio or "pci", "virtio-9p")
+        argv += ["-fsdev", fsdev, "-device", f"{dev},fsdev=qlfs{i},mount_tag={esc(s.tag)}"]
+    return argv
+
+
+def _ports(board: Board, ports: tuple[Port, ...]) -> list[str]:
+    if not ports:
+        return []
+    argv = ["-device", _virtio(board.virtio or "pci", "virtio-serial") + ",id=qlser"]
+    for nr, port in enumerate(ports, start=1):
+        fd = port.fd if port.fd is not None else f"<fd: {port.name}>"
+        # QEMU reopens the pipe through /proc: a chardev file backend takes a path.
+        argv += [
+            "-chardev",
+            f"file,id=ql{port.name},path=/proc/self/fd/{fd}",
+            "-device",
+            f"virtserialport,bus=qlser.0,nr={nr},chardev=ql{port.name},name=qlaunch.{port.name}",
+        ]
     return argv
 
 
@@ -275,6 +341,6 @@ def _netdev(n: Net, rt: Runtime, i: int) -> str:
         return ",".join(opts)
     tap = rt.taps[i] if i < len(rt.taps) else None
     if tap is None:
-        # Argv for display (qlaunch cmdline): the tap is made at start time.
-        return f"tap,ifname=<tap of {n.network or n.bridge}>,script=no,downscript=no"
+        # For display (qlaunch cmdline): the tap is made, and its fd passed, at launch.
+        return f"tap,fd=<fd: tap on {n.network or n.bridge}>"
     return f"tap,{tap}"

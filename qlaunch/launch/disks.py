@@ -35,11 +35,16 @@ SEED_NAME = "cloud-init-seed.iso"
 
 
 def prepare_disks(
-    profile: Profile, workdir: Path, *, note: Callable[[str], None] | None = None
+    profile: Profile,
+    workdir: Path,
+    *,
+    note: Callable[[str], None] | None = None,
+    make: bool = True,
 ) -> tuple[str, ...]:
     """Per-disk paths for the argv, absolute; creates what `size` asks for and the seed ISO.
 
-    Everything is checked before anything is made, so a refusal leaves no file behind.
+    Everything is checked before anything is made, so a refusal leaves no file behind;
+    make=False (`qlaunch cmdline`) stops after the checks.
     """
     paths: list[str] = []
     create: list[tuple[int, Disk, str]] = []
@@ -58,6 +63,8 @@ def prepare_disks(
         if d.media != "cdrom":
             check_lock(path, d.format, write=not (d.readonly or d.snapshot), label=f"disk #{i}")
     seed_files = _seed_inputs(profile, profile.cloud_init) if profile.cloud_init else None
+    if not make:
+        return tuple(paths)
     for i, d, path in create:
         assert d.size is not None
         image.create(path, d.size, fmt=d.format)

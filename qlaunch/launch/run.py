@@ -19,19 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
 from qlaunch.errors import QemuError, QlaunchError
 from qlaunch.launch import argv as argvmod
-from qlaunch.launch import disks, resolve
+from qlaunch.launch import disks, plan, resolve
 from qlaunch.launch.host import HostFacts
+from qlaunch.net import attach, netns
 from qlaunch.spawn import spawn, stop_child
 
-EXIT_RE = re.compile(rb"QLAUNCH_EXIT=(\d+)")
-HALT_RE = re.compile(rb"reboot: (System halted|Power down)")
-MARKER = b"QLAUNCH_EXIT="
+EXIT_RE = re.compile(protocol.EXIT_RE.pattern.encode())
+HALT_RE = re.compile(protocol.HALT_RE.pattern.encode())
+MARKER = protocol.EXIT_MARKER.encode()
 
-# Exit codes of our own, documented in the README.
-EXIT_NO_STATUS = 120  # the guest ended without reporting the command's status
+EXIT_NO_STATUS = protocol.EXIT_NO_STATUS
 
 
 @dataclass
@@ -105,28 +106,43 @@ def run(
     note: Callable[[str], None] | None = None,
 ) -> RunResult:
     out = out or sys.stdout.buffer
+    # Refused before anything is made: an accelerator that cannot be had is the first news.
     _, accel_note = argvmod.choose_accel(profile, host)
-    if accel_note and note:
-        note(accel_note)
-    from qlaunch.net import attach, netns
-
     with (
         tempfile.TemporaryDirectory(prefix="qlaunch-run-") as tmp,
         # Taps for [[net]] mode = network/bridge ($QLAUNCH_NETNS: all of it in that namespace).
         attach.nics_for(profile, profile.name, netns.from_env(None)) as nics,
     ):
-        files = resolve.boot_files(profile, cmd, Path(tmp))
-        rt = argvmod.Runtime(
-            name=profile.name,
-            kernel=files.kernel,
-            initrd=files.initrd,
-            dtb=files.dtb,
-            disk_paths=disks.prepare_disks(profile, Path(tmp), note=note),
-            taps=nics.taps,
-            append_extra=nics.append,
-        )
-        argv = argvmod.build_argv(profile, host, rt)
-        return _drive(profile, argv, out, bool(cmd), nics.fds)
+        p = plan_run(profile, host, cmd, Path(tmp), taps=nics.taps, nic_append=nics.append)
+        if accel_note and note:
+            note(accel_note)
+        return _drive(profile, list(p.argv), out, bool(cmd), nics.fds)
+
+
+def plan_run(
+    profile: Profile,
+    host: HostFacts,
+    cmd: list[str] | None,
+    workdir: Path,
+    *,
+    taps: tuple[str | None, ...] = (),
+    nic_append: tuple[str, ...] = (),
+    make: bool = True,
+) -> plan.LaunchPlan:
+    """The checks and files of a foreground run, and its plan. make=False (cmdline) checks
+    the disks without creating any."""
+    files = resolve.boot_files(profile, cmd, workdir)
+    rt = plan.wire(
+        "run",
+        profile.name,
+        kernel=files.kernel,
+        initrd=files.initrd,
+        dtb=files.dtb,
+        disk_paths=disks.prepare_disks(profile, workdir, make=make),
+        taps=taps,
+        nic_append=nic_append,
+    )
+    return plan.build(profile, host, "run", rt)
 
 
 def _drive(

@@ -11,25 +11,19 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-# Exit codes of `qlaunch exec` (and `run`'s 120), documented in the README. They sit in 117-125
-# so they miss the codes commands commonly use (0-2, 126-127 from the shell, 128+N for
-# signals), and stay below 128 so `git bisect run` reads them as "bad" (125: "skip").
-EXIT_NO_STATUS = 120  # the guest ended without reporting the command's status
-EXIT_PANIC = 121
-EXIT_OOPS = 122  # oops, BUG, and the rest of the oops family
-EXIT_HANG = 123  # RCU stall, hung task, soft lockup
-EXIT_TIMEOUT = 124  # --timeout or the no-output watchdog, as timeout(1)
-EXIT_WARNING = 119  # WARNING, only with --fail-on-warn
-EXIT_BOOT_FAILURE = 118  # no qlaunch init: the kernel did not boot (--boot-failure-exit)
-
-# Markers the guest init prints (qlaunch/guest/init).
-INIT_MARKER = "QLAUNCH_INIT"
-EXIT_RE = re.compile(r"QLAUNCH_EXIT=(\d+)")
-FALLBACK_RE = re.compile(r"QLAUNCH_FALLBACK=(\S+)")
-NOTE_RE = re.compile(r"QLAUNCH_NOTE=(.*)")
-FRAME_OUT = b"QLAUNCH_O:"
-FRAME_ERR = b"QLAUNCH_E:"
-HALT_RE = re.compile(r"reboot: (System halted|Power down)")
+from qlaunch.boot.protocol import (
+    EXIT_HANG,
+    EXIT_OOPS,
+    EXIT_PANIC,
+    EXIT_RE,
+    EXIT_WARNING,
+    FALLBACK_RE,
+    FRAME_ERR,
+    FRAME_OUT,
+    HALT_RE,
+    INIT_MARKER,
+    NOTE_RE,
+)
 
 TAIL_LINES = 30
 EXCERPT_MAX = 60

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
+from qlaunch.boot import protocol
 from qlaunch.errors import AssetError, ProfileError, QemuError, QlaunchError, UsageError
 from qlaunch.testloop import console as con
 
@@ -40,7 +41,7 @@ STATUS_GRACE = 5.0  # seconds (x scale) QEMU gets to power off after the command
 LOG_KEEP = 20  # console logs kept in state_dir()/exec-logs
 MAX_LOG_BYTES = 64 << 20  # a runaway console stops being logged (the tail is still kept)
 
-PORTS = ("stdout", "stderr", "status")
+PORTS = protocol.PORTS
 
 
 # --- what to run --------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class ExecSpec:
     timeout: float | None = None
     watchdog: float | None = None  # seconds before TCG scaling; None: WATCHDOG_BASE
     fail_on_warn: bool = False
-    boot_failure_exit: int = con.EXIT_BOOT_FAILURE
+    boot_failure_exit: int = protocol.EXIT_BOOT_FAILURE
     console_log: str | None = None
     name: str | None = None  # a label (matrix rows, log names)
 
@@ -203,13 +204,14 @@ class Plan:
     dtb: str | None
     transport: str  # ports or console
     append: tuple[str, ...]
-    extra: tuple[str, ...]  # QEMU arguments for shares (ports are wired at execute)
+    shares: tuple[Any, ...]  # qlaunch.launch.argv.Share: 9p exports (ports are made at execute)
     timeout: float | None
     watchdog: float
     scale: int
     fail_on_warn: bool
     boot_failure_exit: int
     console_log: Path
+    console_log_default: bool  # ours, in the state dir (pruned), not the user's --console-log
     workdir: Path
     notes: list[str] = field(default_factory=list)
     disk_paths: tuple[str, ...] = ()
@@ -353,6 +355,12 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
 
     if not spec.cmd:
         raise UsageError("exec needs a command after --", hint="qlaunch exec -- uname -r")
+    if spec.console_log:
+        parent = Path(spec.console_log).parent
+        if not parent.is_dir():
+            raise UsageError(f"--console-log {spec.console_log}: {parent} is not a directory")
+        if Path(spec.console_log).is_dir():
+            raise UsageError(f"--console-log {spec.console_log} is a directory, not a file")
     if spec.arch is not None and spec.arch not in DEFAULT_PROFILE:
         raise UsageError(f"--arch {spec.arch}: expected one of {', '.join(DEFAULT_PROFILE)}")
     k: _Kernel | None = None
@@ -492,21 +500,14 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
         base, list(spec.cmd), workdir / "initrd.cpio.gz", workdir=guest_cwd
     )
 
-    # The boot-time crypto self-tests take about 0.2 s of a 1.5 s TCG boot; a test loop boots
-    # often. --append cryptomgr.notests=0 (it comes later, so it wins) brings them back.
-    append = ["cryptomgr.notests", f"qlaunch.exec={transport}"]
-    extra: list[str] = []
-    for i, s in enumerate(spec.shares):
-        tag = f"qlshare{i}"
-        dev = "virtio-9p-device" if board.virtio == "mmio" else "virtio-9p-pci"
-        fsdev = f"local,id=qlfs{i},path={argvmod.esc(str(s.host))},security_model=none"
-        if s.readonly:
-            fsdev += ",readonly=on"
-        extra += ["-fsdev", fsdev, "-device", f"{dev},fsdev=qlfs{i},mount_tag={tag}"]
-        append.append(f"qlaunch.9p={tag}:{s.guest}")
-    if spec.fail_on_warn:
-        # `quiet` keeps KERN_WARNING off the console, and a WARNING is printed at that level.
-        append.append("loglevel=5")
+    shares = tuple(
+        argvmod.Share(f"qlshare{i}", str(s.host), s.readonly) for i, s in enumerate(spec.shares)
+    )
+    append = protocol.exec_kernel_args(
+        transport,
+        [(sh.tag, str(s.guest)) for sh, s in zip(shares, spec.shares, strict=True)],
+        spec.fail_on_warn,
+    )
 
     dtb = resolve.refs(prof, paths.cache_dir()).dtb
     if dtb is None and board.dtb:
@@ -530,13 +531,14 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
         dtb=dtb,
         transport=transport,
         append=tuple(append),
-        extra=tuple(extra),
+        shares=shares,
         timeout=spec.timeout,
         watchdog=(spec.watchdog if spec.watchdog is not None else WATCHDOG_BASE) * scale,
         scale=scale,
         fail_on_warn=spec.fail_on_warn,
         boot_failure_exit=spec.boot_failure_exit,
         console_log=Path(spec.console_log) if spec.console_log else _log_path(name),
+        console_log_default=not spec.console_log,
         workdir=workdir,
         notes=notes,
         disk_paths=_disk_paths(prof, workdir),
@@ -574,7 +576,16 @@ def _empty_modules_tree() -> Path:
 def _log_path(name: str) -> Path:
     from qlaunch import paths
 
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     d = paths.state_dir() / "exec-logs"
+    return d / f"{stamp}-{name}-{os.getpid()}-{time.monotonic_ns() % 100000}.log"
+
+
+def _make_log_dir(log: Path, default: bool) -> None:
+    """The console log's directory; the default one keeps the newest LOG_KEEP logs."""
+    if not default:
+        return  # the user's --console-log: its directory must exist, as for any output file
+    d = log.parent
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Parallel runs prune at the same time: a log may vanish between listing and stat.
     logs = []
@@ -584,8 +595,30 @@ def _log_path(name: str) -> Path:
     logs.sort()
     for _, old in logs[: max(0, len(logs) - LOG_KEEP + 1)]:
         old.unlink(missing_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return d / f"{stamp}-{name}-{os.getpid()}-{time.monotonic_ns() % 100000}.log"
+
+
+def plan_exec(spec: ExecSpec) -> Any:
+    """What `exec` would run (qlaunch.launch.plan.LaunchPlan), refused as `exec` refuses it,
+    with placeholders for its ports and work directory (`qlaunch cmdline --for exec`)."""
+    import tempfile
+
+    from qlaunch.launch import plan as planmod
+
+    with tempfile.TemporaryDirectory(prefix="qlaunch-cmdline-") as tmp:
+        p = prepare(spec, Path(tmp))
+        rt = planmod.wire(
+            "exec",
+            p.name,
+            kernel=p.kernel,
+            initrd=p.initrd,
+            dtb=p.dtb,
+            disk_paths=p.disk_paths,
+            ports=None if p.transport == "ports" else (),
+            shares=p.shares,
+            exec_append=p.append,
+        )
+        launch = planmod.build(p.profile, p.host, "exec", rt)
+    return planmod.relocate(launch, tmp, planmod.TMP)
 
 
 # --- running ------------------------------------------------------------------------------
@@ -598,45 +631,37 @@ class _Stream:
 
 
 def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
-    from qlaunch.launch import argv as argvmod
+    from qlaunch.launch import plan as planmod
+    from qlaunch.launch.argv import Port
     from qlaunch.spawn import spawn
 
     for n in plan.notes:
         sink.note(n)
     read_ends: dict[str, int] = {}
     write_ends: list[int] = []
-    extra = list(plan.extra)
+    ports: list[Port] = []
     try:
         if plan.transport == "ports":
-            dev = (
-                "virtio-serial-device"
-                if plan.profile.board.virtio == "mmio"
-                else "virtio-serial-pci"
-            )
-            extra += ["-device", f"{dev},id=qlser"]
-            for nr, port in enumerate(PORTS, start=1):
+            for port in PORTS:
                 r, w = os.pipe()
                 read_ends[port] = r
                 write_ends.append(w)
-                # QEMU reopens the pipe through /proc: a chardev file backend takes a path.
-                extra += [
-                    "-chardev",
-                    f"file,id=ql{port},path=/proc/self/fd/{w}",
-                    "-device",
-                    f"virtserialport,bus=qlser.0,nr={nr},chardev=ql{port},name=qlaunch.{port}",
-                ]
+                ports.append(Port(port, w))
         with _nics(plan.profile) as nics:
-            rt = argvmod.Runtime(
-                name=plan.name,
+            rt = planmod.wire(
+                "exec",
+                plan.name,
                 kernel=plan.kernel,
                 initrd=plan.initrd,
                 dtb=plan.dtb,
                 disk_paths=plan.disk_paths,
                 taps=nics.taps if nics else (),
-                append_extra=(*(nics.append if nics else ()), *plan.append),
-                extra=tuple(extra),
+                nic_append=nics.append if nics else (),
+                ports=tuple(ports),
+                shares=plan.shares,
+                exec_append=plan.append,
             )
-            argv = argvmod.build_argv(plan.profile, plan.host, rt)
+            argv = list(planmod.build(plan.profile, plan.host, "exec", rt).argv)
             try:
                 proc = spawn(
                     argv,
@@ -736,7 +761,7 @@ class _Driver:
         self.fallback_shown = False
 
     def run(self) -> Result:
-        self.plan.console_log.parent.mkdir(parents=True, exist_ok=True)
+        _make_log_dir(self.plan.console_log, self.plan.console_log_default)
         sel = selectors.DefaultSelector()
         for fd in self.streams:
             os.set_blocking(fd, False)
@@ -903,10 +928,10 @@ class _Driver:
             res.verdict, res.code, res.excerpt = f.pattern.kind, f.code, list(f.excerpt)
             res.message = f"{boot}{f.title} on the console"
         elif self.ended_by == "timeout":
-            res.verdict, res.code = "timeout", con.EXIT_TIMEOUT
+            res.verdict, res.code = "timeout", protocol.EXIT_TIMEOUT
             res.message = f"{boot}timed out after {plan.timeout:g} s (--timeout)"
         elif self.ended_by == "watchdog":
-            res.verdict, res.code = "timeout", con.EXIT_TIMEOUT
+            res.verdict, res.code = "timeout", protocol.EXIT_TIMEOUT
             scaled = f", x{plan.scale} under TCG" if plan.scale > 1 else ""
             res.message = f"{boot}no output for {plan.watchdog:g} s (watchdog{scaled})"
         elif status is not None:
@@ -917,7 +942,7 @@ class _Driver:
                 why += "; there was no console output at all (wrong console= or wrong board?)"
             res.message = f"{boot}{why}"
         else:
-            res.verdict, res.code = "no-status", con.EXIT_NO_STATUS
+            res.verdict, res.code = "no-status", protocol.EXIT_NO_STATUS
             res.message = "the guest ended without reporting the command's exit status"
         if not s.booted and status is None:
             # Whatever stopped it (panic, hang, QEMU), a kernel that never ran the init did not
@@ -966,7 +991,7 @@ def exec(  # noqa: A001 - the name users call: qlaunch.exec(...)
     timeout: float | None = None,
     watchdog: float | None = None,
     fail_on_warn: bool = False,
-    boot_failure_exit: int = con.EXIT_BOOT_FAILURE,
+    boot_failure_exit: int = protocol.EXIT_BOOT_FAILURE,
     sets: Sequence[str] = (),
     console_log: str | os.PathLike[str] | None = None,
 ) -> Result:

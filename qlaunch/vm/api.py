@@ -609,9 +609,7 @@ def read_ready(fd: int, timeout: float) -> dict[str, Any] | None:
     while b"\n" not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise QemuError(
-                f"the VM did not come up within {timeout:.0f} s", hint="see its qemu.log"
-            )
+            raise QemuError(f"the VM did not come up within {timeout:.0f} s")
         r, _, _ = select.select([fd], [], [], left)
         if r:
             chunk = os.read(fd, 4096)
@@ -653,6 +651,8 @@ def _launch(
     base: Path | None,
     runas: str | None = None,
     netns: str | None = None,
+    entry: str = "start",
+    hotplug: Sequence[str] = (),
 ) -> VM:
     from qlaunch.config import profile as profmod
     from qlaunch.launch import argv as argvmod
@@ -696,8 +696,18 @@ def _launch(
                 d.mkdir(mode=0o700)
                 try:
                     _build_and_run(
-                        d, prof, facts, restart, cmd, paused, fds, cleanup, note, runas, early, ns
+                        d,
+                        prof,
+                        facts,
+                        _StartArgs(entry, restart, cmd, paused, fds, cleanup, runas, hotplug),
+                        note,
+                        early,
+                        ns,
                     )
+                except QemuError:
+                    # QEMU's own words stay where the error says they are, until `qlaunch rm`.
+                    _undo_start(d, keep_logs=True)
+                    raise
                 except BaseException:
                     _undo_start(d)
                     raise
@@ -707,6 +717,77 @@ def _launch(
         if early is not None:
             early.abort()
     return VM(name, r)
+
+
+def plan_start(
+    prof: Profile,
+    facts: Any,
+    name: str | None,
+    cmd: Sequence[str] | None = None,
+    *,
+    runas: str | None = None,
+    entry: str = "start",
+) -> Any:
+    """What `start` would run (qlaunch.launch.plan.LaunchPlan), refused as `start` refuses it,
+    with placeholders for what only a start makes (`qlaunch cmdline --for start`)."""
+    import tempfile
+
+    from qlaunch.launch import disks, resolve
+    from qlaunch.launch import plan as planmod
+    from qlaunch.vm import resources
+
+    if runas is not None:
+        resources.check_runas(runas)
+    name = default_name(prof.name) if name is None else state.validate_name(name)
+    for sock in ("qmp.sock", "console.sock"):
+        state.check_socket_path(state.root() / name / sock)
+    with tempfile.TemporaryDirectory(prefix="qlaunch-cmdline-") as tmp:
+        files = resolve.boot_files(prof, list(cmd) if cmd else None, Path(tmp))
+        disk_paths = disks.prepare_disks(prof, Path(tmp), make=False) if prof.disks else ()
+        rt = planmod.wire(
+            entry,
+            name,
+            kernel=_abs(files.kernel),
+            initrd=_abs(files.initrd),
+            dtb=_abs(files.dtb),
+            statedir=tmp,
+            disk_paths=disk_paths,
+            runas=runas,
+        )
+        launch = planmod.build(prof, facts, entry, rt)
+    return planmod.relocate(launch, tmp, f"{planmod.STATE}/{name}")
+
+
+def start_for_restore(
+    profile: Profile,
+    name: str,
+    *,
+    hotplug: Sequence[str],
+    restart: str,
+    cmd: Sequence[str] | None,
+    paused: bool,
+    note: Note | None,
+    lock_timeout: float,
+    base: Path | None,
+    runas: str | None,
+) -> VM:
+    """A start whose QEMU waits for an incoming migration (qlaunch.vm.migrate.restore)."""
+    return _launch(
+        profile,
+        name,
+        sets=(),
+        restart=restart,
+        cmd=cmd,
+        paused=paused,
+        fds=(),
+        cleanup=(),
+        note=note,
+        lock_timeout=lock_timeout,
+        base=base,
+        runas=runas,
+        entry="restore",
+        hotplug=hotplug,
+    )
 
 
 def _needs_taps(prof: Profile) -> bool:
@@ -751,33 +832,39 @@ def _clear_previous(d: Path) -> None:
     shutil.rmtree(d)
 
 
+@dataclass(frozen=True)
+class _StartArgs:
+    entry: str  # start or restore
+    restart: str
+    cmd: Sequence[str] | None
+    paused: bool
+    fds: Sequence[int]
+    cleanup: Sequence[Mapping[str, Any]]
+    runas: str | None
+    hotplug: Sequence[str]
+
+
 def _build_and_run(
     d: Path,
     prof: Profile,
     facts: Any,
-    restart: str,
-    cmd: Sequence[str] | None,
-    paused: bool,
-    fds: Sequence[int],
-    cleanup: Sequence[Mapping[str, Any]],
+    a: _StartArgs,
     note: Note | None,
-    runas: str | None = None,
     early: SupervisorHandle | None = None,
     ns: str | None = None,
 ) -> None:
-    from qlaunch.launch import argv as argvmod
+    from qlaunch.launch import plan as planmod
     from qlaunch.launch import resolve
     from qlaunch.vm import resources
-    from qlaunch.vm.supervisor import monitor_args
 
     name = d.name
-    files = resolve.boot_files(prof, list(cmd) if cmd else None, d)
+    files = resolve.boot_files(prof, list(a.cmd) if a.cmd else None, d)
     disk_paths: tuple[str, ...] = ()
     if prof.disks:
         from qlaunch.launch import disks
 
         disk_paths = disks.prepare_disks(prof, d, note=note)
-    hooks = [dict(h) for h in cleanup]
+    hooks = [dict(h) for h in a.cleanup]
     nics: Any = None
     extra: dict[str, Any] = {"netns": ns} if ns else {}
     if prof.nets:
@@ -795,59 +882,58 @@ def _build_and_run(
             )
     res: resources.Prepared | None = None
     try:
-        all_fds = [*fds, *(nics.fds if nics else [])]
+        all_fds = [*a.fds, *(nics.fds if nics else [])]
         mon_fd = next(n for n in range(3, 1 << 16) if n not in all_fds)
         res = resources.prepare(name, prof)
         if res is not None:
             extra["resources"] = res.record
             hooks.append(res.hook)
-        rt = argvmod.Runtime(
-            name=name,
-            console=str(d / "console.sock"),
-            console_log=str(d / "console.log"),
-            qmp=str(d / "qmp.sock"),
-            uuid=new_uuid(),
-            paused=True,
+        uuid = new_uuid()
+        rt = planmod.wire(
+            a.entry,
+            name,
             kernel=_abs(files.kernel),
             initrd=_abs(files.initrd),
             dtb=_abs(files.dtb),
+            statedir=str(d),
+            uuid=uuid,
             disk_paths=disk_paths,
             taps=nics.taps if nics else (),
-            append_extra=nics.append if nics else (),
-            extra=monitor_args(mon_fd),
-            sandbox=True,
-            runas=runas,
+            nic_append=nics.append if nics else (),
             mem_path=res.mem_path if res else None,
+            runas=a.runas,
+            monitor_fd=mon_fd,
+            hotplug=tuple(a.hotplug),
         )
-        argv = argvmod.build_argv(prof, facts, rt)
-        state.write_json(d / "argv.json", argv)
+        launch = planmod.build(prof, facts, a.entry, rt)
+        state.write_json(d / "argv.json", list(launch.argv))
+        state.write_json(d / "plan.json", launch.to_json())
         state.write_json(
             d / "profile.json",
             {
                 "name": prof.name,
                 "source": prof.source,
                 "boot_files": {"kernel": rt.kernel, "initrd": rt.initrd, "dtb": rt.dtb},
-                "accel": argvmod.choose_accel(prof, facts)[0],
-                "command": list(cmd) if cmd else None,
+                "accel": launch.accel,
+                "command": list(a.cmd) if a.cmd else None,
                 "profile": prof.raw,
             },
         )
-        assert rt.uuid is not None
         rec = state.Record(
             name=name,
-            uuid=rt.uuid,
+            uuid=uuid,
             profile=prof.name,
             state=state.STARTING,
             created_at=time.time(),
-            restart_policy=restart,
-            start_paused=paused,
+            restart_policy=a.restart,
+            start_paused=a.paused,
             fds=all_fds,
             monitor_fd=mon_fd,
             cleanup=hooks,
             extra=extra,
         )
         state.write_record(d, rec)
-        state.log(d, f"start: profile {prof.name}, restart policy {restart}")
+        state.log(d, f"{a.entry}: profile {prof.name}, restart policy {a.restart}")
         if early is not None and not all_fds:
             sup = early
         else:
@@ -916,6 +1002,8 @@ class SupervisorHandle:
         self.proc.wait()  # the first process forks the real supervisor and leaves at once
         try:
             msg = read_ready(self.ready_r, READY_TIMEOUT)
+        except QemuError as e:
+            raise QemuError(e.message, hint=f"QEMU's log is {self.d / 'qemu.log'}") from None
         finally:
             self._close_ready()
         if msg is None:
@@ -924,7 +1012,8 @@ class SupervisorHandle:
         if not msg.get("ok"):
             raise QemuError(
                 f"VM {self.d.name}: {msg.get('error')}",
-                hint="run `qlaunch cmdline` on the profile to see QEMU's argv",
+                hint=f"QEMU's log and argv are in {self.d} (qlaunch rm {self.d.name} removes "
+                "them); `qlaunch cmdline PROFILE --for start` shows the argv",
             )
 
     def abort(self) -> None:
@@ -952,8 +1041,13 @@ def _file_tail(path: Path, n: int = 3) -> str:
     return " / ".join(lines[-n:]) or "(empty log)"
 
 
-def _undo_start(d: Path) -> None:
-    """A start failed: nothing of it may stay (processes, hooks' resources, the directory)."""
+KEPT_AFTER_FAILURE = ("argv.json", "plan.json", "qemu.log", "supervisor.log", "console.log")
+
+
+def _undo_start(d: Path, keep_logs: bool = False) -> None:
+    """A start failed: nothing of it may stay (processes, hooks' resources, the directory).
+    keep_logs: QEMU failed, and its log and argv stay for the user to read, beside a record
+    that says `failed`, until `qlaunch rm` or the next start of that name."""
     try:
         rec = state.read_record(d)
     except StateError:
@@ -971,4 +1065,19 @@ def _undo_start(d: Path) -> None:
         ):
             state.wait_gone(rec.qemu.pid, rec.qemu.start_ticks, 5.0)
         state.run_cleanup(d, rec)
-    shutil.rmtree(d, ignore_errors=True)
+    if not (keep_logs and rec is not None and (d / "qemu.log").exists()):
+        shutil.rmtree(d, ignore_errors=True)
+        return
+    for p in d.iterdir():
+        if p.name not in (*KEPT_AFTER_FAILURE, "state.json", "vm.log"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def failed(r: Record) -> None:
+        r.state = state.FAILED
+        r.failed_reason = r.failed_reason or "QEMU did not start"
+        r.cleanup = []  # run above, once
+
+    state.update(d, failed)

@@ -45,17 +45,6 @@ from typing import Any
 
 from qlaunch.vm import state
 
-
-def monitor_args(fd: int) -> tuple[str, ...]:
-    """QEMU arguments for the supervisor's private monitor on fd (a socketpair end)."""
-    return (
-        "-chardev",
-        f"socket,id=qlaunch-sup,fd={fd}",
-        "-mon",
-        "chardev=qlaunch-sup,mode=control",
-    )
-
-
 READY_TIMEOUT = 60.0  # QEMU's greeting and the answer to cont
 PING_INTERVAL = 15.0
 PING_TIMEOUT = 10.0

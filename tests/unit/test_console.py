@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from qlaunch.boot import protocol
 from qlaunch.testloop import console as con
 from qlaunch.testloop.console import ConsoleScanner
 
@@ -50,16 +51,16 @@ def test_ordinary_lines_are_not_failures(line: str) -> None:
 
 def test_codes_do_not_collide_and_stay_below_128() -> None:
     codes = [
-        con.EXIT_BOOT_FAILURE,
-        con.EXIT_WARNING,
-        con.EXIT_NO_STATUS,
-        con.EXIT_PANIC,
-        con.EXIT_OOPS,
-        con.EXIT_HANG,
-        con.EXIT_TIMEOUT,
+        protocol.EXIT_BOOT_FAILURE,
+        protocol.EXIT_WARNING,
+        protocol.EXIT_NO_STATUS,
+        protocol.EXIT_PANIC,
+        protocol.EXIT_OOPS,
+        protocol.EXIT_HANG,
+        protocol.EXIT_TIMEOUT,
     ]
     assert len(set(codes)) == len(codes)
-    assert con.EXIT_TIMEOUT == 124
+    assert protocol.EXIT_TIMEOUT == 124
     # 125 is left for --boot-failure-exit 125 (git bisect's "skip"), 126/127 for the shell.
     assert all(117 <= c < 125 for c in codes)
 
@@ -81,7 +82,7 @@ def test_panic_excerpt_runs_to_its_end_marker() -> None:
     )
     assert s.booted
     f = s.finding
-    assert f is not None and f.complete and f.code == con.EXIT_PANIC
+    assert f is not None and f.complete and f.code == protocol.EXIT_PANIC
     assert f.excerpt[0].endswith("Kernel panic - not syncing: sysrq triggered crash")
     assert f.excerpt[-1].endswith("]---")
     assert "after the end" not in "".join(f.excerpt)
@@ -97,7 +98,7 @@ def test_first_failure_wins_and_cut_here_starts_the_excerpt() -> None:
         "[    2.2] Kernel panic - not syncing: Fatal exception",
     )
     f = s.finding
-    assert f is not None and f.pattern.title == "kernel BUG" and f.code == con.EXIT_OOPS
+    assert f is not None and f.pattern.title == "kernel BUG" and f.code == protocol.EXIT_OOPS
     assert "cut here" in f.excerpt[0]
     assert not f.complete
     assert len(f.excerpt) == 4
@@ -110,7 +111,7 @@ def test_warnings_fail_only_when_asked() -> None:
     assert quiet.finding is None and quiet.warnings == [line]
     strict = ConsoleScanner(fail_on_warn=True)
     feed_lines(strict, line, "[    1.1] ---[ end trace 0000000000000000 ]---")
-    assert strict.finding is not None and strict.finding.code == con.EXIT_WARNING
+    assert strict.finding is not None and strict.finding.code == protocol.EXIT_WARNING
     assert strict.finding.complete
 
 

@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from qlaunch.cli import output
-from qlaunch.errors import UsageError
 
 
 def add_set_arg(p: argparse.ArgumentParser) -> None:
@@ -29,9 +28,27 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("cmdline", help="print the QEMU argv a profile makes")
+    p = sub.add_parser(
+        "cmdline",
+        help="print the QEMU argv a profile makes",
+        description="Print exactly what `run`, `start` or `exec` would run for a profile, "
+        "checked and refused as that command would; fds and paths made at launch show as "
+        "<placeholders>. A guest command after -- goes into the plan as it would there.",
+    )
     add_profile_args(p)
-    p.add_argument("--json", action="store_true", help="a JSON list of strings")
+    p.add_argument(
+        "--for",
+        dest="entry",
+        default="run",
+        metavar="ENTRY",
+        help="the command whose launch to show: run (default), start, restore or exec",
+    )
+    p.add_argument("--name", help="the VM name (start, restore; default: from the profile)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the whole plan: argv, the fds QEMU inherits, the sockets and files it makes",
+    )
     p.set_defaults(func=cmd_cmdline)
 
     p = sub.add_parser(
@@ -52,53 +69,47 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_profiles)
 
 
-def _no_guest_cmd(args: argparse.Namespace) -> None:
-    if args.guest_cmd is not None:
-        raise UsageError(f"`qlaunch {args.command}` takes no command after --")
-
-
 def cmd_cmdline(args: argparse.Namespace) -> int:
-    from qlaunch import paths
-    from qlaunch.boot import dtb as dtbmod
-    from qlaunch.config import profile
-    from qlaunch.launch import argv as argvmod
-    from qlaunch.launch import host, resolve
+    from qlaunch.launch import plan as planmod
 
-    _no_guest_cmd(args)
-    prof = profile.load(args.profile, args.sets)
-    facts = host.probe()
-    files = resolve.refs(prof, paths.cache_dir())
-    initrd = files.initrd
-    if initrd == "qlaunch":
-        initrd = _qlaunch_initrd(prof)
-    dtb = dtbmod.for_board(prof.board, files.dtb)
-    rt = argvmod.Runtime(name=prof.name, kernel=files.kernel, initrd=initrd, dtb=dtb)
-    argv = argvmod.build_argv(prof, facts, rt)
-    _, accel_note = argvmod.choose_accel(prof, facts)
-    if accel_note:
-        output.note(accel_note)
+    planmod.check_entry(args.entry)
+    cmd = args.guest_cmd or None
+    launch = _plan_for(args, cmd)
+    if launch.accel_note:
+        output.note(launch.accel_note)
     if args.json:
-        output.emit_json(argv)
+        output.emit_json(launch.to_json())
     else:
-        print(shlex.join(argv))
+        print(shlex.join(launch.argv))
     return 0
 
 
-def _qlaunch_initrd(prof: Any) -> str:
-    """The built initramfs's path if the assets are there; else a placeholder that says so."""
-    from qlaunch.boot import assets, initramfs
-    from qlaunch.config import boards
-    from qlaunch.errors import AssetError
-    from qlaunch.launch import resolve
+def _plan_for(args: argparse.Namespace, cmd: list[str] | None) -> Any:
+    """The entry's own preparation, with nothing made: its checks, its plan."""
+    if args.entry == "exec":
+        from qlaunch.testloop import driver
 
-    set_name = resolve.asset_set_of(prof)
-    try:
-        aset = assets.require(set_name)
-    except AssetError:
-        return f"<qlaunch initramfs for {set_name}: run qlaunch assets fetch --arch {set_name}>"
-    defaults = initramfs.DEFAULT_MODULES.get(aset.arch, [])
-    modules = boards.guest_modules(prof.board, defaults) + list(prof.boot.modules)
-    return str(initramfs.build_initramfs(aset, modules))
+        spec = driver.ExecSpec(
+            cmd=tuple(cmd or ["true"]), profile=args.profile, sets=tuple(args.sets)
+        )
+        return driver.plan_exec(spec)
+    import tempfile
+    from pathlib import Path
+
+    from qlaunch.config import profile
+    from qlaunch.launch import host, run
+
+    prof = profile.load(args.profile, args.sets)
+    facts = host.probe()
+    if args.entry in ("start", "restore"):
+        from qlaunch.vm import api
+
+        return api.plan_start(prof, facts, args.name, cmd, entry=args.entry)
+    from qlaunch.launch import plan as planmod
+
+    with tempfile.TemporaryDirectory(prefix="qlaunch-cmdline-") as tmp:
+        launch = run.plan_run(prof, facts, cmd, Path(tmp), make=False)
+    return planmod.relocate(launch, tmp, planmod.TMP)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

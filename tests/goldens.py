@@ -1,0 +1,126 @@
+"""The golden cases: every shipped profile and tests/unit/cases/*.toml, each rendered for the
+entries that launch it (run for all; start, exec and restore where listed). Shared by the golden
+test (pure, fixed placeholders) and the test that has the real QEMU accept each argv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlaunch.boot import protocol
+from qlaunch.config import profile
+from qlaunch.config.profile import Profile
+from qlaunch.launch import plan, resolve
+from qlaunch.launch.argv import Port, Share
+from qlaunch.launch.host import HostFacts, Verdict
+from qlaunch.launch.plan import LaunchPlan
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "unit" / "golden"
+CASES = HERE / "unit" / "cases"
+PROFILES = HERE.parent / "profiles"
+
+NO_KVM = HostFacts(arch="x86_64", kvm=Verdict(False, "/dev/kvm is provided by kvm_pvm"))
+HW_KVM = HostFacts(arch="x86_64", kvm=Verdict(True, "/dev/kvm works (kvm_intel)"))
+ARM_KVM = HostFacts(arch="aarch64", kvm=Verdict(True, "/dev/kvm works (kvm)"))
+TSC = HostFacts(arch="x86_64", kvm=NO_KVM.kvm, tsc_khz=2596100)
+HOSTS = {"": NO_KVM, "kvm": HW_KVM, "armkvm": ARM_KVM, "tsc": TSC}
+
+# Beyond `run`, which every case has: the entries each case is also rendered for.
+MORE_ENTRIES = {
+    "default": ("start", "exec", "restore", "exec-share"),
+    "x86_64-q35": ("start", "exec"),
+    "x86_64-microvm": ("start", "exec"),
+    "aarch64-virt": ("start", "exec", "exec-share"),
+    "arm-virt": ("start", "exec"),
+    "vexpress-a9": ("start", "exec"),
+    "vexpress-a15": ("exec",),
+    "raspi3b": ("start", "exec"),
+    "raspi2b": ("exec",),
+    "commas-and-disks": ("start",),
+    "disks-cloud-init": ("start",),
+    "resources": ("start",),
+    "kvm-default@kvm": ("start",),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the golden file's stem: CASE or CASE.ENTRY
+    path: Path
+    host: str
+    entry: str  # run, start, exec, restore, exec-share
+
+
+def cases() -> list[Case]:
+    files = [(p.stem, p) for p in sorted(PROFILES.glob("*.toml"))]
+    files += [(p.stem, p) for p in sorted(CASES.glob("*.toml"))]
+    out = []
+    for stem, path in files:
+        host = stem.split("@")[1] if "@" in stem else ""
+        out.append(Case(stem, path, host, "run"))
+        for entry in MORE_ENTRIES.get(stem, ()):
+            out.append(Case(f"{stem}.{entry}", path, host, entry))
+    return out
+
+
+def exec_transport(prof: Profile) -> str:
+    """What exec picks for a kernel that has the virtio console (the Debian ones do)."""
+    return "ports" if prof.board.virtio else "console"
+
+
+def render(
+    case: Case,
+    *,
+    cache: Path = Path("/cache"),
+    initrd: str = "/cache/initramfs/qlaunch.cpio.gz",
+    disk_paths: tuple[str, ...] = (),
+    statedir: str | None = None,
+    host: HostFacts | None = None,
+    fds: dict[str, int] | None = None,
+    share_dir: str = "/home/dev/linux",
+    sets: list[str] | None = None,
+) -> tuple[Profile, LaunchPlan]:
+    """The case's plan. The defaults give the golden files; the QEMU test passes real files."""
+    prof = profile.load(str(case.path), sets or [])
+    files = resolve.refs(prof, cache)
+    fds = fds or {}
+    entry = "exec" if case.entry.startswith("exec") else case.entry
+    shares: tuple[Share, ...] = ()
+    append: tuple[str, ...] = ()
+    ports = None
+    if entry == "exec":
+        transport = exec_transport(prof)
+        if case.entry == "exec-share":
+            shares = (Share("qlshare0", share_dir),)
+        append = protocol.exec_kernel_args(transport, [(s.tag, s.path) for s in shares])
+        ports = tuple(Port(p, fds.get(p)) for p in protocol.PORTS) if transport == "ports" else ()
+    rt = plan.wire(
+        entry,
+        prof.name,
+        kernel=files.kernel,
+        initrd=initrd if files.initrd == "qlaunch" or entry == "exec" else files.initrd,
+        dtb=files.dtb,
+        statedir=statedir,
+        uuid="0f2d7e4c-8a31-4d1b-9a5e-3c2b1a0f9e8d" if statedir else None,
+        disk_paths=disk_paths,
+        monitor_fd=fds.get("monitor"),
+        ports=ports,
+        shares=shares,
+        exec_append=append,
+    )
+    return prof, plan.build(prof, host or HOSTS[case.host], entry, rt)
+
+
+def one_option_per_line(argv: tuple[str, ...] | list[str]) -> str:
+    lines = [argv[0]]
+    i = 1
+    while i < len(argv):
+        if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            lines.append(f"{argv[i]} {argv[i + 1]}")
+            i += 2
+        else:
+            lines.append(argv[i])
+            i += 1
+    return "\n".join(lines) + "\n"
