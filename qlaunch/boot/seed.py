@@ -35,8 +35,14 @@ def check_hostname(hostname: str) -> None:
         )
 
 
+# An authorized_keys line: options may come first, then the key type and its base64 blob.
+_KEY_RE = re.compile(r"(?:^|\s)(?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+\s+[A-Za-z0-9+/]+={0,3}(?:\s|$)")
+
+
 def check_keys(keys: Sequence[str]) -> tuple[str, ...]:
-    """SSH public keys, stripped; each must be one non-empty line."""
+    """SSH public keys, stripped; each must be one line with a key type and its base64 body
+    (what ~/.ssh/id_*.pub holds), so that a path or a typo is not handed to cloud-init, which
+    would drop it without a word."""
     out: list[str] = []
     for key in keys:
         k = key.strip()
@@ -44,8 +50,27 @@ def check_keys(keys: Sequence[str]) -> tuple[str, ...]:
             raise UsageError(
                 f"bad ssh authorized key {key[:40]!r}", hint="one key per entry, on one line"
             )
+        if not _KEY_RE.search(k):
+            raise UsageError(
+                f"bad ssh authorized key {key[:40]!r}: not a public key line",
+                hint="the contents of a .pub file, like: ssh-ed25519 AAAAC3NzaC1lZDI1... me@host",
+            )
         out.append(k)
     return tuple(out)
+
+
+def is_seed_iso(path: str | os.PathLike[str]) -> bool:
+    """Whether path is a NoCloud seed that qlaunch wrote (volume cidata, application QLAUNCH):
+    one that a new seed may replace without --force."""
+    with open(path, "rb") as f:
+        f.seek(16 * 2048)
+        pvd = f.read(2048)
+    return (
+        len(pvd) == 2048
+        and pvd[:6] == b"\x01CD001"
+        and pvd[40:72].rstrip(b" ") == VOLUME_ID.encode()
+        and pvd[574:702].rstrip(b" ") == b"QLAUNCH"
+    )
 
 
 def instance_id(*parts: bytes | None) -> str:
@@ -119,7 +144,12 @@ def build_seed(
     path = Path(out)
     if not path.parent.is_dir():
         raise UsageError(f"{path.parent}: no such directory")
-    return write_iso(path, files, volume_id=VOLUME_ID)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a seed file")
+    try:
+        return write_iso(path, files, volume_id=VOLUME_ID)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
 
 def _yaml_safe_json(doc: Mapping[str, Any] | Sequence[str], indent: int | None = 2) -> str:

@@ -42,6 +42,15 @@ GUEST_CMD_PROGS = {
 }
 
 
+GUEST_CMD_WORDS = {p.split()[1] for p in GUEST_CMD_PROGS}
+
+
+def command_word(args: Sequence[str]) -> str | None:
+    """The subcommand in qlaunch's arguments: the first that is not an option (qlaunch's own
+    options before it take no values)."""
+    return next((a for a in args if not a.startswith("-")), None)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with qlaunch's one-line errors: no usage block, a hint to --help instead."""
 
@@ -81,14 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # Everything after `--` is the guest's command, never qlaunch's options.
+    end = args_list.index("--") if "--" in args_list else len(args_list)
+    # For run, start and exec everything after `--` is the guest's command, never qlaunch's
+    # options. For every other command `--` means what it means to any Unix tool, the end of
+    # the options: `qlaunch stop -- -x` stops a VM named -x.
     guest_cmd: list[str] | None = None
-    if "--" in args_list:
-        i = args_list.index("--")
-        args_list, guest_cmd = args_list[:i], args_list[i + 1 :]
+    if command_word(args_list[:end]) in GUEST_CMD_WORDS:
+        args_list, guest_cmd = args_list[:end], args_list[end + 1 :]
+        end = len(args_list)
     # Error messages say "run again with --debug": it works after the subcommand too.
-    debug = "--debug" in args_list
-    args_list = [a for a in args_list if a != "--debug"]
+    debug = "--debug" in args_list[:end]
+    args_list = [a for a in args_list[:end] if a != "--debug"] + args_list[end:]
     parser = build_parser()
     args, unknown = parser.parse_known_args(args_list)
     if unknown:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +134,9 @@ def find(name_or_path: str) -> Path:
     """A profile by path (contains / or ends in .toml) or by name in the profile directories."""
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         p = Path(name_or_path)
-        if not p.is_file():
-            raise ProfileError(f"profile file {name_or_path} does not exist")
+        what = _not_a_file(p)
+        if what is not None:
+            raise ProfileError(f"profile file {name_or_path} {what}")
         return p
     if not NAME_RE.match(name_or_path):
         raise ProfileError(
@@ -143,13 +145,34 @@ def find(name_or_path: str) -> Path:
         )
     for d in paths.profile_dirs():
         p = d / f"{name_or_path}.toml"
-        if p.is_file():
+        what = _not_a_file(p)
+        if what is None:
             return p
+        if what != "does not exist":
+            raise ProfileError(f"profile {name_or_path}: {p} {what}")
     known = ", ".join(sorted(available())) or "none"
     raise ProfileError(
         f"no profile named {name_or_path!r}",
         hint=f"known profiles: {known}",
     )
+
+
+def _not_a_file(p: Path) -> str | None:
+    """None for a regular file; else what is there instead, in words. A FIFO is refused
+    before it is opened: reading one would wait for a writer forever."""
+    try:
+        st = p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a profile file"
+    if stat.S_ISFIFO(st.st_mode):
+        return "is a FIFO (named pipe), not a profile file"
+    return "is not a regular file"
 
 
 def available() -> dict[str, Path]:
@@ -162,11 +185,19 @@ def available() -> dict[str, Path]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    what = _not_a_file(path)
+    if what is not None:
+        raise ProfileError(f"{path} {what}")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+            hint="TOML files are UTF-8; convert it, e.g. with iconv",
+        ) from None
     except OSError as e:
         raise ProfileError(f"{path}: cannot read: {e.strerror}") from None
 
@@ -556,8 +587,37 @@ def load(name_or_path: str, sets: list[str] | None = None) -> Profile:
     data = load_raw(path)
     if not sets:
         return build(data, name=path.stem, source=str(path))
-    label = f"--set {sets[0]}" if len(sets) == 1 else "--set"
-    return build_blaming(data, apply_sets(data, sets), name=path.stem, path=path, label=label)
+    final = apply_sets(data, sets)
+    label = f"--set {sets[0]}" if len(sets) == 1 else _culprit(data, sets, path)
+    return build_blaming(data, final, name=path.stem, path=path, label=label)
+
+
+def _culprit(data: dict[str, Any], sets: list[str], path: Path) -> str:
+    """Which of several --set breaks the profile: the one without which it builds, else the
+    last one that sets the key the error names; "--set" when neither tells."""
+    try:
+        build(apply_sets(data, sets), name=path.stem, source=str(path))
+        return "--set"
+    except ProfileError as e:
+        message = e.message
+    fixes = []
+    for i in range(len(sets)):
+        try:
+            build(apply_sets(data, sets[:i] + sets[i + 1 :]), name=path.stem, source=str(path))
+            fixes.append(sets[i])
+        except ProfileError:
+            continue
+    if len(fixes) == 1:
+        return f"--set {fixes[0]}"
+    for assignment in reversed(sets):
+        parts, _ = parse_set(assignment)
+        if len(parts) == 2:
+            names = [f"[{parts[0]}] {parts[1]}"]
+        else:
+            names = [f"[[{parts[0]}]] #{parts[1]} {parts[2]}", f"[[{parts[0]}]] #{parts[1]}:"]
+        if any(n in message for n in names):
+            return f"--set {assignment}"
+    return "--set"
 
 
 def build_blaming(

@@ -39,26 +39,62 @@ def run_dir(ns: str | None, name: str) -> Path:
 def locked(ns: str | None, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     d = ns_dir(ns)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock = d / ".lock"
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                        raise StateError(
+                            f"networks of {netns.key(ns)} are locked by pid {holder or '?'}",
+                            hint="another qlaunch is changing them; retry",
+                        ) from None
+                    time.sleep(0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before us may have removed the directory with the lock (below): ours
+        # is then a lock on nothing, and the one to take is at the path again.
+        if _same_file(lock, fd):
+            break
+        os.close(fd)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-                    raise StateError(
-                        f"networks of {netns.key(ns)} are locked by pid {holder or '?'}",
-                        hint="another qlaunch is changing them; retry",
-                    ) from None
-                time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        try:
+            _remove_if_bare(d, lock, fd)
+        finally:
+            os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        a, b = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _remove_if_bare(d: Path, lock: Path, fd: int) -> None:
+    """A namespace's directory that holds nothing but its lock (every network there is down)
+    goes, lock and all, while we hold the lock; so does .networks when it is empty after."""
+    try:
+        if set(os.listdir(d)) != {".lock"} or not _same_file(lock, fd):
+            return
+        lock.unlink()
+        d.rmdir()
+        d.parent.rmdir()
+    except OSError:
+        return  # something new there, or .networks holds other namespaces: both stay
 
 
 def _network_from(d: dict[str, Any]) -> Network:

@@ -345,8 +345,8 @@ def create(
     """A new image; never overwrites. size=None takes the backing image's size."""
     _check_format(fmt)
     p = _abs(path)
-    if size is not None and (size < 0 or size > MAX_SIZE):
-        raise UsageError(f"bad image size {size}")
+    if size is not None and (size <= 0 or size > MAX_SIZE):
+        raise UsageError(f"bad image size {size}", hint="more than 0 bytes, e.g. 1G")
     args = ["create", "-q", "-f", fmt]
     if backing is not None:
         if fmt not in BACKING_FORMATS:

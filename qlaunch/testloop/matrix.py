@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from qlaunch.errors import QlaunchError, UsageError
+from qlaunch.storage import outfile
 from qlaunch.testloop import driver as testloop
 
 # Matrix file keys and the ExecSpec field each sets (lists where the CLI flag repeats).
@@ -62,6 +66,7 @@ def _apply(spec: testloop.ExecSpec, table: dict[str, Any], where: str) -> testlo
         )
         if not ok or (typ is list and not all(isinstance(v, str) for v in value)):
             raise UsageError(f"{where}: {key} must be a {typ.__name__}, not {value!r}")
+        _check_value(key, value, where)
         if key == "share":
             value = tuple(testloop.parse_share(v) for v in value)
         elif typ is list:
@@ -70,6 +75,17 @@ def _apply(spec: testloop.ExecSpec, table: dict[str, Any], where: str) -> testlo
             value = float(value)
         changes[field_name] = value
     return dataclasses.replace(spec, **changes)
+
+
+def _check_value(key: str, value: Any, where: str) -> None:
+    """The ranges the command line's flags have (--cpus, --timeout, ...), so that a matrix
+    cell is refused as the same flag would be, before anything boots."""
+    if key == "cpus" and value < 1:
+        raise UsageError(f"{where}: cpus must be 1 or more, not {value}")
+    if key in ("timeout", "watchdog") and not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{where}: {key} must be more than 0 seconds, not {value}")
+    if key == "boot_failure_exit" and not 0 <= value <= 255:
+        raise UsageError(f"{where}: boot_failure_exit takes 0 to 255, not {value}")
 
 
 def load_matrix(path: str, base: testloop.ExecSpec) -> list[testloop.ExecSpec]:
@@ -83,6 +99,7 @@ def load_matrix(path: str, base: testloop.ExecSpec) -> list[testloop.ExecSpec]:
     name = "arm64"
     profile = "aarch64-virt"
     """
+    outfile.require_file(path, "--matrix")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -90,6 +107,11 @@ def load_matrix(path: str, base: testloop.ExecSpec) -> list[testloop.ExecSpec]:
         raise UsageError(f"--matrix {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"--matrix {path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"--matrix {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+            hint="TOML files are UTF-8",
+        ) from None
     runs = data.get("run")
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
         raise UsageError(f"--matrix {path}: needs at least one [[run]] table")
@@ -163,19 +185,43 @@ class PrefixSink:
                 self._lines(which, b"\n", stream)
 
 
-def _error_result(spec: testloop.ExecSpec, e: QlaunchError) -> testloop.Result:
+def _error_result(plan: testloop.Plan, e: QlaunchError) -> testloop.Result:
     hint = f" (hint: {e.hint})" if e.hint else ""
     return testloop.Result(
-        name=spec.name or "run",
+        name=plan.name,
         code=e.exit_code,
         stdout="",
         stderr="",
         console="",
         verdict="error",
         message=f"{e.message}{hint}",
-        profile=spec.profile or "",
-        kernel=spec.kernel or "",
+        profile=plan.profile.name,
+        kernel=plan.kernel_label,
     )
+
+
+def prepare_all(specs: Sequence[testloop.ExecSpec]) -> list[tuple[testloop.Plan, Path]]:
+    """Every run's plan (profile, kernel, initramfs...), each in a temporary directory of its
+    own, before any boots: a mistake in one run stops them all, with that run's name, as the
+    same mistake on the command line would. A failure removes what was made so far."""
+    made: list[tuple[testloop.Plan, Path]] = []
+    try:
+        for spec in specs:
+            tmp = Path(tempfile.mkdtemp(prefix="qlaunch-exec-"))
+            try:
+                made.append((testloop.prepare(spec, tmp), tmp))
+            except QlaunchError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                e.message = f"run {spec.name}: {e.message}"
+                raise
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except BaseException:
+        for _, tmp in made:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return made
 
 
 def run_matrix(
@@ -186,22 +232,37 @@ def run_matrix(
     note: Callable[[str], None],
 ) -> list[testloop.Result]:
     specs = unique_names(specs)
+    plans = prepare_all(specs)
+    try:
+        return _run_plans(plans, jobs=jobs, show_console=show_console, note=note)
+    finally:
+        for _, tmp in plans:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_plans(
+    plans: Sequence[tuple[testloop.Plan, Path]],
+    *,
+    jobs: int | None,
+    show_console: bool,
+    note: Callable[[str], None],
+) -> list[testloop.Result]:
     lock = threading.Lock()
     shown: set[str] = set()
-    workers = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
+    workers = max(1, min(jobs or os.cpu_count() or 1, len(plans)))
 
     threads: set[threading.Thread] = set()
     interrupted = threading.Event()
 
-    def one(spec: testloop.ExecSpec) -> testloop.Result:
-        assert spec.name is not None
+    def one(plan: testloop.Plan) -> testloop.Result:
         with lock:
             threads.add(threading.current_thread())
-        sink = PrefixSink(spec.name, lock, note, shown)
+        sink = PrefixSink(plan.name, lock, note, shown)
         try:
-            result = testloop.run_spec(spec, sink, show_console=show_console)
+            result = testloop.execute(plan, sink, show_console=show_console)
+            result.notes = list(sink.notes)
         except QlaunchError as e:
-            result = _error_result(spec, e)
+            result = _error_result(plan, e)
         finally:
             sink.close()
         if not interrupted.is_set():  # a run we killed has nothing to report
@@ -210,7 +271,7 @@ def run_matrix(
         return result
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qlaunch-exec") as pool:
-        futures = [pool.submit(one, spec) for spec in specs]
+        futures = [pool.submit(one, plan) for plan, _ in plans]
         try:
             return [f.result() for f in futures]
         except BaseException:
@@ -309,11 +370,19 @@ def write_json(path: str, results: Sequence[testloop.Result]) -> None:
 
 
 def _write(path: str, data: bytes) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    outfile.write_bytes(path, data)
+
+
+def is_junit(p: Path) -> bool:
+    """A JUnit report that qlaunch exec wrote (it may replace one without --force)."""
+    with open(p, "rb") as f:
+        head = f.read(512)
+    return head.startswith(b"<?xml") and b'<testsuites name="qlaunch exec"' in head
+
+
+def is_json_report(p: Path) -> bool:
+    """A JSON report that qlaunch exec wrote."""
+    if p.stat().st_size > 256 << 20:
+        return False
+    doc = json.loads(p.read_bytes())
+    return isinstance(doc, dict) and set(doc) == {"ok", "runs"} and isinstance(doc["runs"], list)

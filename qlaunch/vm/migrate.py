@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlaunch.errors import QemuError, QlaunchError, StateError, UsageError
+from qlaunch.storage import outfile
 from qlaunch.vm import state
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def read_save(path: str | Path, verify: bool = True) -> SaveFile:
     file that is not a complete qlaunch save."""
     p = Path(path)
     bad = f"{p} is not a complete qlaunch save file"
+    outfile.require_file(p, "save file")
     try:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -117,6 +119,8 @@ def read_save(path: str | Path, verify: bool = True) -> SaveFile:
             header = json.loads(f.read(hlen))
         except ValueError:
             raise UsageError(f"{bad}: its header is not JSON") from None
+        if not isinstance(header, dict) or not isinstance(header.get("name"), str):
+            raise UsageError(f"{bad}: its header does not name the VM")
         f.seek(size - 12)
         tail = f.read(12)
         if tail[4:] != END:
@@ -130,6 +134,8 @@ def read_save(path: str | Path, verify: bool = True) -> SaveFile:
             trailer = json.loads(f.read(tlen))
         except ValueError:
             raise UsageError(f"{bad}: its trailer is not JSON") from None
+        if not isinstance(trailer, dict) or not isinstance(trailer.get("disks", []), list):
+            raise UsageError(f"{bad}: its trailer is not what a save writes")
         if trailer.get("stream_bytes") != stream_bytes:
             raise UsageError(
                 f"{bad}: the stream is {stream_bytes} bytes, the trailer says "
@@ -209,11 +215,8 @@ def save(
     from qlaunch.vm.api import VM
 
     vm = VM.get(name, base)
-    dest = Path(os.path.abspath(file))
-    if dest.exists() and not force:
-        raise UsageError(f"{dest} exists", hint="choose another file, or --force to replace it")
-    if not dest.parent.is_dir():
-        raise UsageError(f"{dest.parent} is not a directory")
+    # Everything that can be refused is refused before the guest is paused.
+    dest = outfile.check_target(file, "save file", force=force, own=False)
     with state.locked(vm.name, "save", lock_timeout, vm.base):
         live = state.inspect(vm.dir)
         if live.qemu is None:
@@ -222,40 +225,36 @@ def save(
         profile_json = json.loads((vm.dir / "profile.json").read_text())
         argv = json.loads((vm.dir / "argv.json").read_text())
         disks = _persistent_disks(profile_json, argv)
+        _refuse_held(dest, vm, disks)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise UsageError(f"cannot write {tmp}: {e.strerror}") from None
         try:
             with vm.monitor(purpose="save") as mon:
                 t0 = time.monotonic()
                 was_running, header = _header(vm, mon, rec, profile_json, argv)
-                os.write(fd, _header_bytes(header))
+                _write(fd, _header_bytes(header), tmp)
                 offset = os.lseek(fd, 0, os.SEEK_CUR)
                 info = _migrate_out(mon, fd, was_running)
-            end = os.lseek(fd, 0, os.SEEK_END)
-            stream_bytes = end - offset
-            with os.fdopen(os.dup(fd), "rb") as f:
-                f.seek(offset)
-                digest = _sha256(f, stream_bytes)
-            trailer = {
-                "stream_bytes": stream_bytes,
-                "sha256": digest,
-                "disks": _disk_stats(disks),
-                "completed_at": time.time(),
-                "migration": {k: info.get(k) for k in ("total-time", "downtime")}
-                | {"transferred": (info.get("ram") or {}).get("transferred")},
-            }
-            os.write(fd, _trailer_bytes(trailer))
-            os.fsync(fd)
-            end = os.fstat(fd).st_size
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, dest)
+                try:
+                    end = _finish(fd, tmp, offset, info, disks)
+                    os.close(fd)
+                    fd = -1
+                    _publish(tmp, dest)
+                except BaseException:
+                    # The state is in QEMU's hands still: the guest goes on as it was
+                    # rather than stay in postmigrate, neither saved nor running.
+                    _resume(mon, was_running)
+                    raise
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
+        outfile.remember(dest)
         seconds = round(time.monotonic() - t0, 3)
         state.log(vm.dir, f"save: state saved to {dest} ({end} bytes) in {seconds:.2f} s")
         if note:
@@ -269,6 +268,65 @@ def save(
 
         state.update(vm.dir, mark)
     return SaveReport(vm.name, str(dest), end, seconds, was_running)
+
+
+def _refuse_held(dest: Path, vm: VM, disks: list[str]) -> None:
+    """Never over a file a VM holds, --force or not: its own disks (the save would replace
+    the very disk it needs), another VM's files, a saved VM's save file."""
+    real = os.path.realpath(dest)
+    if real in {os.path.realpath(d) for d in disks}:
+        raise StateError(
+            f"{dest} is a disk of VM {vm.name}: the save needs that disk unchanged",
+            hint="save to a file of its own",
+        )
+    who = state.holder_of(dest, vm.base)
+    if who is not None:
+        raise StateError(f"{dest} is {who}; a save never replaces it", hint="choose another file")
+
+
+def _write(fd: int, data: bytes, tmp: Path) -> None:
+    try:
+        os.write(fd, data)
+    except OSError as e:
+        raise UsageError(f"cannot write {tmp}: {e.strerror}") from None
+
+
+def _finish(fd: int, tmp: Path, offset: int, info: dict[str, Any], disks: list[str]) -> int:
+    """The trailer after QEMU's stream, synced; returns the file's size."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    stream_bytes = end - offset
+    with os.fdopen(os.dup(fd), "rb") as f:
+        f.seek(offset)
+        digest = _sha256(f, stream_bytes)
+    trailer = {
+        "stream_bytes": stream_bytes,
+        "sha256": digest,
+        "disks": _disk_stats(disks),
+        "completed_at": time.time(),
+        "migration": {k: info.get(k) for k in ("total-time", "downtime")}
+        | {"transferred": (info.get("ram") or {}).get("transferred")},
+    }
+    _write(fd, _trailer_bytes(trailer), tmp)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise UsageError(f"cannot write {tmp}: {e.strerror}") from None
+    return os.fstat(fd).st_size
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    try:
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise UsageError(f"cannot save to {dest}: {e.strerror}") from None
+
+
+def _resume(mon: Monitor, was_running: bool) -> None:
+    from qlaunch.vm.qmp import QMPError
+
+    if was_running:
+        with contextlib.suppress(QMPError, QlaunchError):
+            mon.execute("cont")
 
 
 def _header(
@@ -358,25 +416,28 @@ def restore(
     QEMU waiting for an incoming migration; feed it the file; resume the guest if it was
     running when saved. Returns the VM (name: the saved VM's unless given)."""
     from qlaunch.config import profile as profmod
-    from qlaunch.vm.api import VM
+    from qlaunch.vm.api import start_for_restore
 
     t0 = time.monotonic()
     sf = read_save(file)
     hdr = sf.header
-    new_name = state.validate_name(name or str(hdr["name"]))
+    new_name = state.validate_name(name or str(hdr["name"]), new=True)
     _check_disks(sf)
-    pj = hdr["profile"]
+    pj = hdr.get("profile")
+    if not isinstance(pj, dict) or not isinstance(pj.get("profile"), dict):
+        raise UsageError(f"{sf.path} is not a complete qlaunch save file: it holds no profile")
     raw = _pin_macs(pj["profile"], str(hdr["name"]))
     prof = profmod.build(raw, name=pj["name"], source=f"{pj['source']} (saved in {sf.path})")
     hot_args = [a for dev in hdr.get("hotplug", []) for a in dev.get("args", [])]
-    prof = dataclasses.replace(prof, qemu_extra=(*prof.qemu_extra, *hot_args, *INCOMING))
     saved_argv = list(hdr.get("argv") or [])
     runas = None
     if "-runas" in saved_argv[:-1]:
         runas = saved_argv[saved_argv.index("-runas") + 1]
-    vm = VM.start(
+    # The same plan as a start, entry "restore": -incoming defer and the hotplugged devices.
+    vm = start_for_restore(
         prof,
         new_name,
+        hotplug=hot_args,
         restart=str(hdr.get("restart_policy") or "no"),
         cmd=pj.get("command") or None,
         paused=True,

@@ -37,7 +37,9 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +52,7 @@ from qlaunch.errors import QlaunchError, StateError, UsageError
 
 FORMAT = 1
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RESERVED = ("exec-logs",)  # directories of the state root that are not VMs
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 KEEP_EXITS = 20
 
@@ -66,27 +69,55 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # ---- names and places ----------------------------------------------------------------------
 
 
-def validate_name(name: str) -> str:
-    """VM names: ASCII letters, digits, '-' and '_', 1 to 64 characters."""
-    if not NAME_RE.fullmatch(name):
+def validate_name(name: str, new: bool = False) -> str:
+    """VM names: ASCII letters, digits, '-' and '_', 1 to 64 characters. A new VM's name may
+    not start with '-': every command would read it as an option (`qlaunch stop -- -x` works,
+    but nobody should have to know that)."""
+    if not NAME_RE.fullmatch(name) or (new and name.startswith("-")):
         raise UsageError(
             f"{name!r} is not a VM name",
-            hint="use 1 to 64 ASCII letters, digits, '-' or '_'",
+            hint="use 1 to 64 ASCII letters, digits, '-' or '_', not starting with '-'",
         )
+    if name in RESERVED:
+        raise UsageError(f"{name!r} is not a VM name: qlaunch keeps its {name} there")
     return name
 
 
 def root(create: bool = False) -> Path:
-    """The state root; with create, made (0700) if missing."""
+    """The state root; with create, made (0700) if missing. UsageError when it cannot be one
+    (a file, or under one), so that no command meets it as a traceback."""
     r = Path(os.path.abspath(paths.state_dir()))
+    check_root(r)
     if create:
         old = os.umask(0o077)
         try:
             r.mkdir(parents=True, exist_ok=True, mode=0o700)
             (r / ".locks").mkdir(exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise _root_error(r, e.strerror or str(e)) from None
         finally:
             os.umask(old)
     return r
+
+
+def check_root(r: Path) -> None:
+    for p in (r, *r.parents):
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise _root_error(r, e.strerror or str(e)) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise _root_error(r, f"{p} is not a directory")
+        return
+
+
+def _root_error(r: Path, why: str) -> UsageError:
+    return UsageError(
+        f"the state directory {r} cannot be used: {why}",
+        hint="point QLAUNCH_STATE at a directory (or leave it unset)",
+    )
 
 
 def vm_dir(name: str, base: Path | None = None) -> Path:
@@ -108,7 +139,101 @@ def names(base: Path | None = None) -> list[str]:
         entries = os.listdir(r)
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise _root_error(r, e.strerror or str(e)) from None
     return sorted(e for e in entries if NAME_RE.fullmatch(e) and (r / e / "state.json").exists())
+
+
+# ---- files VMs hold ------------------------------------------------------------------------
+
+# QEMU options whose value is a file, and what the file is to the VM.
+_FILE_OPTS = {"-kernel": "kernel", "-initrd": "initrd", "-dtb": "device tree"}
+_FILE_KEYS = ("file", "file.filename", "filename")
+
+
+def _opt_files(value: str) -> list[str]:
+    """File names in a QEMU option value (`a=b,file.filename=/x,,y` or -blockdev JSON)."""
+    if value.startswith("{"):
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            return []
+        out: list[str] = []
+        stack: list[Any] = [doc]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                out += [str(v) for k, v in node.items() if k == "filename" and isinstance(v, str)]
+                stack += list(node.values())
+        return out
+    parts = re.split(r"(?<!,),(?!,)", value)
+    out = []
+    for part in parts:
+        key, sep, v = part.partition("=")
+        if sep and key in _FILE_KEYS and v:
+            out.append(v.replace(",,", ","))
+    return out
+
+
+def argv_files(argv: list[str]) -> list[tuple[str, str]]:
+    """(path, role) of every file a QEMU argv opens: kernel, initrd, device tree, disks,
+    firmware."""
+    out: list[tuple[str, str]] = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in _FILE_OPTS:
+            out.append((value, _FILE_OPTS[flag]))
+        elif flag in ("-drive", "-blockdev"):
+            role = "firmware" if "if=pflash" in value else "disk"
+            out += [(f, role) for f in _opt_files(value)]
+    return out
+
+
+def held_files(base: Path | None = None) -> dict[str, str]:
+    """Files that VMs hold, by real path, each with who holds it ("disk of VM web"): every
+    file of a VM that runs (or is between restarts), and the disks and save file of a VM saved
+    and not yet removed (restore needs them as they are)."""
+    r = base or root()
+    out: dict[str, str] = {}
+    for name in names(r):
+        d = r / name
+        try:
+            live = inspect(d)
+        except QlaunchError:
+            continue
+        saved = live.record.extra.get("saved") if not live.alive else None
+        if not live.alive and not isinstance(saved, dict):
+            continue
+        who = f"VM {name}" if live.alive else f"VM {name}, saved to {saved and saved.get('file')}"
+        try:
+            argv = json.loads((d / "argv.json").read_bytes())
+        except (OSError, ValueError):
+            argv = []
+        files = argv_files([str(a) for a in argv]) if isinstance(argv, list) else []
+        for dev in live.record.extra.get("hotplug") or []:
+            if isinstance(dev, dict) and dev.get("path"):
+                files.append((str(dev["path"]), "disk"))
+        for path, role in files:
+            if live.alive or role == "disk":
+                out.setdefault(os.path.realpath(path), f"the {role} of {who}")
+        if saved and saved.get("file"):
+            out[os.path.realpath(str(saved["file"]))] = (
+                f"the save file of VM {name} (qlaunch restore reads it; qlaunch rm {name} "
+                "lets it go)"
+            )
+    return out
+
+
+def holder_of(path: str | os.PathLike[str], base: Path | None = None) -> str | None:
+    """Who holds path, in words, if a VM or network of qlaunch does (its state included);
+    else None."""
+    r = base or root()
+    real = os.path.realpath(path)
+    top = os.path.realpath(r)
+    if real.startswith(top + os.sep):
+        first = Path(real).relative_to(top).parts[0]
+        if first in (".networks", ".locks") or (Path(top) / first / "state.json").exists():
+            return f"qlaunch's own state ({first} in {top})"
+    return held_files(r).get(real)
 
 
 # ---- the record ----------------------------------------------------------------------------
@@ -417,6 +542,10 @@ def signal_identified(
             raise StateError(
                 f"not allowed to signal {what} (pid {p.pid})", hint="run as its owner"
             ) from None
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            raise UsageError(f"signal {sig} cannot be sent here: {e.strerror}") from None
         return True
     finally:
         if pidfd >= 0:
@@ -581,20 +710,27 @@ class FileLock:
         self.fd = -1
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.timeout
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise self._busy(fd) from None
-                    time.sleep(0.02)
-        except BaseException:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise self._busy(fd) from None
+                        time.sleep(0.02)
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us may have removed the lock file (unlink_locked) while we
+            # waited on it: then ours is a lock on nothing, and the file at the path is the one
+            # to take.
+            if _same_file(self.path, fd):
+                break
             os.close(fd)
-            raise
         holder = {
             "pid": os.getpid(),
             "purpose": self.purpose,
@@ -604,6 +740,13 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self.fd = fd
+
+    def unlink_locked(self) -> None:
+        """Remove the lock file while holding it (waiters notice and start over), so that
+        locks of things that are gone do not pile up."""
+        if self.fd >= 0 and _same_file(self.path, self.fd):
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -663,4 +806,46 @@ def locked(
         (r / ".locks").mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = FileLock(r / ".locks" / f"{validate_name(name)}.lock", f"VM {name}", purpose, timeout)
     with lock:
-        yield r / name
+        d = r / name
+        _clear_leftover(d)
+        try:
+            yield d
+        finally:
+            # No VM (rm, a failed start, or a name that never was): no lock file either.
+            if not d.exists():
+                lock.unlink_locked()
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        a, b = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _clear_leftover(d: Path) -> None:
+    """A VM directory without a record, found under the VM's lock, is what a start killed
+    before it wrote one left (every start writes the record before it lets the lock go)."""
+    if d.is_dir() and not (d / "state.json").exists():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def sweep(base: Path | None = None) -> None:
+    """Clear what killed commands left under the state root: VM directories without a record
+    and lock files without a VM, each only when nobody holds its lock."""
+    r = base or root()
+    try:
+        entries = os.listdir(r)
+        lock_names = os.listdir(r / ".locks")
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise _root_error(r, e.strerror or str(e)) from None
+    leftovers = {e for e in entries if not (r / e / "state.json").exists()}
+    stale = {n.removesuffix(".lock") for n in lock_names if n.endswith(".lock")}
+    for name in sorted(leftovers | stale):
+        if not NAME_RE.fullmatch(name) or name in RESERVED or (r / name / "state.json").exists():
+            continue
+        with contextlib.suppress(StateError, OSError), locked(name, "sweep", 0.0, r):
+            pass

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from qlaunch.cli import output
+from qlaunch.cli.argtypes import positive
 from qlaunch.errors import UsageError
 
 
@@ -25,7 +26,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("name")
     p.add_argument("file")
-    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace FILE if it exists (never a file a VM holds: a disk, a kernel, a save "
+        "file of a saved VM)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_save)
 
@@ -63,7 +69,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("detach-disk", help="unplug a hotplugged disk (the guest must let go)")
     p.add_argument("name")
     p.add_argument("id", help="as attach-disk printed it (hpdisk1...)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the guest")
+    p.add_argument(
+        "--timeout", type=positive(float), default=60.0, help="seconds to wait for the guest"
+    )
     p.set_defaults(func=cmd_detach_disk)
 
     p = sub.add_parser("attach-nic", help="plug a NIC into a running VM")
@@ -77,7 +85,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("detach-nic", help="unplug a hotplugged NIC (the guest must let go)")
     p.add_argument("name")
     p.add_argument("id", help="as attach-nic printed it (hpnet1...)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the guest")
+    p.add_argument(
+        "--timeout", type=positive(float), default=60.0, help="seconds to wait for the guest"
+    )
     p.set_defaults(func=cmd_detach_nic)
 
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from qlaunch.cli import output
+from qlaunch.cli.argtypes import positive
 from qlaunch.cli.commands.core import add_set_arg
 
 EXAMPLES = """\
@@ -72,13 +73,13 @@ def register(sub: Any) -> None:
         help="share a host directory over 9p (default guest path: the same as on the host); "
         "the command starts in the host's working directory when a share holds it",
     )
-    p.add_argument("--cpus", type=_positive(int), metavar="N")
+    p.add_argument("--cpus", type=positive(int), metavar="N")
     p.add_argument("--memory", metavar="M", help="like 512M or 2G")
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
-    p.add_argument("--timeout", type=_positive(float), metavar="S", help="overall limit in seconds")
+    p.add_argument("--timeout", type=positive(float), metavar="S", help="overall limit in seconds")
     p.add_argument(
         "--watchdog",
-        type=_positive(float),
+        type=positive(float),
         metavar="S",
         help="fail after S seconds without any output (default 30; x10 under TCG)",
     )
@@ -95,25 +96,14 @@ def register(sub: Any) -> None:
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     p.add_argument("--json", metavar="FILE", help="write a JSON report")
     p.add_argument(
-        "--jobs", type=_positive(int), metavar="N", help="parallel runs (default: host cores)"
+        "--force",
+        action="store_true",
+        help="let --console-log, --junit and --json replace files qlaunch did not write",
+    )
+    p.add_argument(
+        "--jobs", type=positive(int), metavar="N", help="parallel runs (default: host cores)"
     )
     p.set_defaults(func=cmd_exec)
-
-
-def _positive(kind: type[int] | type[float]) -> Any:
-    """An argparse type: a number above zero (a timeout of -5 is a typo, not a deadline)."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 class TerminalSink:
@@ -146,6 +136,15 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError("exec needs a command after --", hint="qlaunch exec -- uname -r")
     if not 0 <= args.boot_failure_exit <= 255:
         raise UsageError("--boot-failure-exit takes 0 to 255")
+    if args.kernel and not args.kernel.startswith("asset:"):
+        from qlaunch.storage import outfile
+
+        # A directory or FIFO is not "missing", and a FIFO would hang the architecture probe.
+        outfile.require_file(args.kernel, "--kernel")
+    several = bool(args.matrix) or len(args.profile) > 1
+    if args.console_log and several:
+        raise UsageError("--console-log is for one run; several runs log one file each")
+    _check_outputs(args)
     base = testloop.ExecSpec(
         cmd=tuple(args.guest_cmd or ()),
         kernel=args.kernel,
@@ -168,8 +167,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
         # Threads and XML only where several runs need them: a single run starts sooner.
         from qlaunch.testloop import matrix
 
-        if args.console_log:
-            raise UsageError("--console-log is for one run; several runs log one file each")
         if args.matrix:
             specs = matrix.load_matrix(args.matrix, base)
         else:
@@ -183,7 +180,15 @@ def cmd_exec(args: argparse.Namespace) -> int:
         _reports(args, results)
         return 0 if all(r.ok for r in results) else 1
     sink = TerminalSink()
-    result = testloop.run_spec(base, sink, show_console=args.console)
+    try:
+        result = testloop.run_spec(base, sink, show_console=args.console)
+    finally:
+        if args.console_log:
+            from pathlib import Path
+
+            from qlaunch.storage import outfile
+
+            outfile.remember(Path(args.console_log))
     report = result.report()
     if report:
         output.note(report[0])
@@ -191,6 +196,34 @@ def cmd_exec(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
     _reports(args, [result])
     return result.code
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where exec will write, checked before anything boots: an existing directory, and no
+    file that qlaunch did not write (without --force) or that a VM holds (ever)."""
+    from qlaunch.errors import StateError, UsageError
+    from qlaunch.storage import outfile
+    from qlaunch.testloop import matrix
+    from qlaunch.vm import state
+
+    outputs = [
+        ("--console-log", args.console_log, None, True),
+        ("--junit", args.junit, matrix.is_junit, False),
+        ("--json", args.json, matrix.is_json_report, False),
+    ]
+    seen: dict[str, str] = {}
+    for flag, path, ours, stream in outputs:
+        if path is None:
+            continue
+        who = state.holder_of(path)
+        if who is not None:
+            raise StateError(f"{flag} {path} is {who}; exec never writes over it")
+        p = outfile.check_target(path, flag, force=args.force, ours=ours, stream=stream)
+        if str(p) in seen and outfile.kind(p) is not None and outfile.kind(p) != "missing":
+            continue  # /dev/null for two of them is fine
+        if str(p) in seen:
+            raise UsageError(f"{flag} and {seen[str(p)]} name the same file {path}")
+        seen[str(p)] = flag
 
 
 def vars_of(spec: Any) -> dict[str, Any]:

@@ -96,6 +96,12 @@ def register(sub: Any) -> None:
         metavar="KEY",
         help="a public key for the default user, in the made-up meta-data (repeatable)",
     )
+    sd.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT.iso even if qlaunch did not write it (never an input, nor a file a "
+        "VM holds)",
+    )
     sd.set_defaults(func=cmd_seed)
 
 
@@ -109,6 +115,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     _no_guest_cmd(args)
     size = image.parse_size(args.size) if args.size is not None else None
+    if size == 0:
+        raise UsageError(f"image size {args.size!r} is zero", hint="e.g. 1G or 512M")
     if size is None and args.backing is None:
         raise UsageError(
             "image create needs a SIZE", hint="e.g. qlaunch image create disk.qcow2 8G"
@@ -285,9 +293,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    import os
+
     from qlaunch.boot import seed
+    from qlaunch.errors import StateError
+    from qlaunch.storage import outfile
+    from qlaunch.vm import state
 
     _no_guest_cmd(args)
+    inputs = {
+        "--user-data": args.user_data,
+        "--meta-data": args.meta_data,
+        "--network-config": args.network_config,
+    }
+    for flag, path in inputs.items():
+        if path is not None:
+            outfile.require_file(path, flag)
+    seed.check_keys(args.ssh_key)
+    out_real = os.path.realpath(args.out)
+    for flag, path in inputs.items():
+        if path is not None and os.path.realpath(path) == out_real:
+            raise UsageError(f"OUT {args.out} is also the {flag} file; the seed would replace it")
+    who = state.holder_of(args.out)
+    if who is not None:
+        raise StateError(f"{args.out} is {who}; a seed never replaces it")
+    outfile.check_target(args.out, "seed", force=args.force, ours=seed.is_seed_iso)
 
     def read(flag: str, path: str | None) -> bytes | None:
         if path is None:
@@ -315,6 +345,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         public_keys=args.ssh_key,
     )
+    outfile.remember(out)
     files = "user-data, meta-data" + (", network-config" if network is not None else "")
     print(f"wrote {out}: {files} (label {seed.VOLUME_ID})")
     return 0

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from qlaunch.cli import output
+from qlaunch.cli.argtypes import non_negative, positive
 from qlaunch.cli.commands.core import add_set_arg
 from qlaunch.errors import StateError, UsageError
 
@@ -85,7 +86,9 @@ def register(sub: Any) -> None:
         "Stopping a stopped VM is not an error.",
     )
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ACPI (60)")
+    p.add_argument(
+        "--timeout", type=non_negative(float), default=60.0, help="seconds to wait for ACPI (60)"
+    )
     p.add_argument("--force", action="store_true", help="skip ACPI: start with quit")
     p.add_argument("--json", action="store_true", help="the steps as JSON on stdout")
     p.set_defaults(func=cmd_stop)
@@ -115,7 +118,7 @@ def register(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("command")
     p.add_argument("args", nargs="?", help="JSON object of arguments")
-    p.add_argument("--timeout", type=float, help="seconds to wait for the reply")
+    p.add_argument("--timeout", type=positive(float), help="seconds to wait for the reply")
     p.set_defaults(func=cmd_qmp)
 
     p = sub.add_parser("events", help="QMP events the supervisor recorded (--follow: and new)")
@@ -140,7 +143,9 @@ def register(sub: Any) -> None:
         "without any after stdin ends.",
     )
     p.add_argument("name")
-    p.add_argument("--linger", type=float, default=1.0, help="see above (default 1 s)")
+    p.add_argument(
+        "--linger", type=non_negative(float), default=1.0, help="see above (default 1 s)"
+    )
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("log", help="the console log (or QEMU's or the lifecycle log)")
@@ -167,7 +172,11 @@ def _no_cmd(args: argparse.Namespace) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from qlaunch.vm import state
     from qlaunch.vm.api import VM
+
+    if args.name is not None:
+        state.validate_name(args.name, new=True)
 
     vm = VM.start(
         args.profile,
@@ -208,9 +217,11 @@ def human_bytes(n: int | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from qlaunch.vm import state
     from qlaunch.vm.api import list_vms
 
     _no_cmd(args)
+    state.sweep()
     rows = list_vms()
     if args.json:
         output.emit_json([r.to_json() for r in rows])
@@ -307,8 +318,6 @@ def _qmp_status(st: dict[str, Any]) -> str:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     _no_cmd(args)
-    if args.timeout < 0:
-        raise UsageError("--timeout must be 0 or more")
     vm = _vm(args.name)
     report = vm.stop(
         timeout=args.timeout, force=args.force, on_step=lambda m: output.note(f"{vm.name}: {m}")
@@ -334,9 +343,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def parse_signal(text: str) -> int:
     import signal
 
-    t = text.upper()
-    if t.isdigit():
-        return int(t)
+    t = text.strip().upper()
+    if t.isascii() and t.isdigit():
+        if int(t) in signal.valid_signals():
+            return int(t)
+        raise UsageError(
+            f"{text!r} is not a signal number here",
+            hint=f"1 to {int(max(signal.valid_signals()))}, or a name: KILL, TERM",
+        )
     if not t.startswith("SIG"):
         t = "SIG" + t
     try:
@@ -347,7 +361,8 @@ def parse_signal(text: str) -> int:
 
 def cmd_kill(args: argparse.Namespace) -> int:
     _no_cmd(args)
-    _vm(args.name).kill(parse_signal(args.signal))
+    sig = parse_signal(args.signal)
+    _vm(args.name).kill(sig)
     return 0
 
 
