@@ -102,15 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args_list[:end]
     args_list = [a for a in args_list[:end] if a != "--debug"] + args_list[end:]
     parser = build_parser()
-    args, unknown = parser.parse_known_args(args_list)
-    if unknown:
-        # Reported by the subcommand's parser, whose --help lists the options meant.
-        sub = _innermost(parser, args)
-        hint = None
-        if not unknown[0].startswith("-") and sub.prog in GUEST_CMD_PROGS:
-            usage = GUEST_CMD_PROGS[sub.prog]
-            hint = f"the guest's command goes after --: {usage} -- {' '.join(unknown)}"
-        sub.error(f"unrecognized arguments: {' '.join(unknown)}", hint)
+    try:
+        args = _parse(parser, args_list)
+    except SystemExit as e:
+        # Usage errors, --help and --version: a code to return, so that callers in-process
+        # (tests, scripts) get it as the console script's caller does.
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     args.guest_cmd = guest_cmd
     args.debug = debug
     logging.basicConfig(
@@ -140,6 +137,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, old in handlers.items():
             signal.signal(signum, old)
+
+
+def _parse(parser: argparse.ArgumentParser, args_list: list[str]) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:
+        # Reported by the subcommand's parser, whose --help lists the options meant.
+        sub = _innermost(parser, args)
+        hint = None
+        if not unknown[0].startswith("-") and sub.prog in GUEST_CMD_PROGS:
+            usage = GUEST_CMD_PROGS[sub.prog]
+            hint = f"the guest's command goes after --: {usage} -- {' '.join(unknown)}"
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}", hint)
+    return args
 
 
 def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:

