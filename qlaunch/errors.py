@@ -5,6 +5,20 @@ cli.main is the only place these become a one-line message and an exit code.
 
 from __future__ import annotations
 
+# What qlaunch's own exit codes mean, the same for every command. README's "Exit codes" table
+# repeats these words (tests/unit/test_exit_codes.py keeps the two alike); `exec` adds its
+# codes 118..124 (qlaunch.boot.protocol), and `run` and `exec` pass the guest command's on.
+EXIT_CODES = {
+    0: "success",
+    1: "a failure not covered below, or a check that found problems (`image check`, `exec` "
+    "with several runs)",
+    2: "bad input: a profile, a key, a flag, a name, a path that is not what it must be",
+    3: "the host lacks something: a QEMU binary, KVM, guest assets, a tool",
+    4: "QEMU or qemu-img failed (its own error is shown)",
+    5: "a state that does not allow it: no such VM, a VM busy or running, a network in use, "
+    "a file a VM holds",
+}
+
 
 class QlaunchError(Exception):
     """A failure with a one-line message, an optional hint, and an exit code."""
