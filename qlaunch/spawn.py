@@ -60,3 +60,34 @@ def stop_child(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
             log.debug("pid %d ignored SIGTERM for %.0fs; SIGKILL", proc.pid, grace)
             proc.kill()
     return proc.wait()
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    input: str | None = None,  # noqa: A002 - as subprocess.run names it
+    timeout: float | None = 60.0,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """A short tool (nft, dnsmasq's start, apt-get, qemu-img...): its output as text, reaped
+    whatever happens. Past the timeout it is killed and subprocess.TimeoutExpired raised."""
+    log.debug("run: %s", shlex.join(argv))
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        close_fds=True,
+    )
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    log.debug("run: %s exited %d", argv[0], proc.returncode)
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)

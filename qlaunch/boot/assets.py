@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from qlaunch import spawn
 from qlaunch.errors import AssetError, UsageError
 from qlaunch.paths import cache_dir
 
@@ -236,16 +237,7 @@ _PREREQ_HINT = (
 def _run(argv: list[str], *, cwd: Path | None = None, timeout: float = _TOOL_TIMEOUT) -> str:
     env = dict(os.environ, LC_ALL="C", DEBIAN_FRONTEND="noninteractive")
     try:
-        proc = subprocess.run(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        proc = spawn.run(argv, cwd=str(cwd) if cwd else None, env=env, timeout=timeout)
     except FileNotFoundError:
         raise AssetError(f"{argv[0]} is not installed", hint=_PREREQ_HINT) from None
     except subprocess.TimeoutExpired:
@@ -302,9 +294,7 @@ def _resolve(specs: list[SetSpec]) -> dict[str, str]:
     argv += ["--no-breaks", "--no-replaces", "--no-enhances"]
     argv += [f"{s.metapackage}:{s.deb_arch}" for s in specs]
     env = dict(os.environ, LC_ALL="C")
-    proc = subprocess.run(
-        argv, env=env, capture_output=True, text=True, timeout=_TOOL_TIMEOUT, check=False
-    )
+    proc = spawn.run(argv, env=env, timeout=_TOOL_TIMEOUT)
     found: dict[str, str] = {}
     current: str | None = None
     for line in proc.stdout.splitlines():

@@ -15,48 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from qlaunch.boot.iso9660 import write_iso
+from qlaunch.config.cloud_init import check_hostname as check_hostname
+from qlaunch.config.cloud_init import check_keys as check_keys
 from qlaunch.errors import UsageError
 
 VOLUME_ID = "cidata"
-_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # YAML 1.1 (PyYAML, which cloud-init uses) accepts these unescaped; everything else in a
 # double-quoted scalar must be an escape, or the whole document fails to load.
 _YAML_UNPRINTABLE = re.compile(
     "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
 )
-
-
-def check_hostname(hostname: str) -> None:
-    labels = hostname.split(".")
-    if len(hostname) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
-        raise UsageError(
-            f"bad hostname {hostname!r}",
-            hint="letters, digits and '-', dot-separated labels of at most 63 characters",
-        )
-
-
-# An authorized_keys line: options may come first, then the key type and its base64 blob.
-_KEY_RE = re.compile(r"(?:^|\s)(?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+\s+[A-Za-z0-9+/]+={0,3}(?:\s|$)")
-
-
-def check_keys(keys: Sequence[str]) -> tuple[str, ...]:
-    """SSH public keys, stripped; each must be one line with a key type and its base64 body
-    (what ~/.ssh/id_*.pub holds), so that a path or a typo is not handed to cloud-init, which
-    would drop it without a word."""
-    out: list[str] = []
-    for key in keys:
-        k = key.strip()
-        if not k or "\n" in k or "\r" in k:
-            raise UsageError(
-                f"bad ssh authorized key {key[:40]!r}", hint="one key per entry, on one line"
-            )
-        if not _KEY_RE.search(k):
-            raise UsageError(
-                f"bad ssh authorized key {key[:40]!r}: not a public key line",
-                hint="the contents of a .pub file, like: ssh-ed25519 AAAAC3NzaC1lZDI1... me@host",
-            )
-        out.append(k)
-    return tuple(out)
 
 
 def is_seed_iso(path: str | os.PathLike[str]) -> bool:

@@ -114,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="qlaunch: %(name)s: %(message)s",
     )
+    if not args.debug:
+        # qemu.qmp logs a refused connection as an error; qlaunch's own message says it
+        # better, once. The application sets this, never the library (pytest users decide).
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

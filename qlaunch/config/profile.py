@@ -525,7 +525,7 @@ def _check_disk(source: str, n: int, d: Disk) -> None:
                 hint="drop size, or make the image first (qlaunch image create)",
             )
         if d.interface == "sd" and d.size & (d.size - 1):
-            from qlaunch.storage.image import format_size, round_up_pow2
+            from qlaunch.units import format_size, round_up_pow2
 
             raise ProfileError(
                 f"{where} size: SD card images must be a power of two in size, not "
@@ -537,14 +537,14 @@ def _check_disk(source: str, n: int, d: Disk) -> None:
 def _cloud_init(source: str, data: dict[str, Any]) -> CloudInit | None:
     if "cloud-init" not in data:
         return None
-    from qlaunch.boot import seed
+    from qlaunch.config import cloud_init
     from qlaunch.errors import UsageError
 
     c = _table(source, data, "cloud-init")
     try:
         if c["hostname"] is not None:
-            seed.check_hostname(c["hostname"])
-        keys = seed.check_keys(c["ssh_authorized_keys"])
+            cloud_init.check_hostname(c["hostname"])
+        keys = cloud_init.check_keys(c["ssh_authorized_keys"])
     except UsageError as e:
         raise ProfileError(f"{source}: [cloud-init] {e.message}", hint=e.hint) from None
     return CloudInit(c["hostname"], keys, c["user_data"], c["network_config"])

@@ -12,22 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+from qlaunch import units
+from qlaunch.errors import UsageError
 
 
 def size_bytes(value: str | int, default_unit: str = "") -> int:
-    """Parse "512M", "2G", "1.5G" (binary units). Raises ValueError with a readable reason."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size like 512M or 2G")
-    if isinstance(value, int):
-        return value * _UNITS[default_unit.upper()]
-    m = SIZE_RE.match(value)
-    if not m:
-        raise ValueError(f"{value!r} is not a size (use a number with a unit, like 512M or 2G)")
-    number, unit = m.groups()
-    unit = unit.upper() or default_unit.upper()
-    return int(float(number) * _UNITS[unit])
+    """A size setting in bytes (qlaunch.units.parse_size); raises ValueError for the table."""
+    try:
+        return units.parse_size(value, default_unit)
+    except UsageError as e:
+        if e.message.startswith("bad size"):
+            raise ValueError(
+                f"{value!r} is not a size (a number with a unit, like 512M or 2G)"
+            ) from None
+        raise ValueError(e.message) from None
 
 
 def _memory_mib(value: Any) -> int:
@@ -54,18 +52,12 @@ def _forward(value: Any) -> tuple[str, ...]:
 
 def _disk_size(value: Any) -> int:
     """Bytes; a bare integer is bytes too. Whole 512-byte sectors, as qemu-img would round."""
-    from qlaunch.errors import UsageError
-    from qlaunch.storage import image
-
     if isinstance(value, bool):
         raise ValueError("expected a size like 8G")
-    if isinstance(value, int):
-        n = value
-    else:
-        try:
-            n = image.parse_size(value)
-        except UsageError as e:
-            raise ValueError(e.message) from None
+    try:
+        n = units.parse_size(value)
+    except UsageError as e:
+        raise ValueError(e.message) from None
     if n <= 0 or n % 512:
         raise ValueError(f"{value!r} is not a whole number of 512-byte sectors (like 8G)")
     return n

@@ -6,24 +6,18 @@ profile's command line is pinned by golden tests.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from qlaunch.config.boards import QEMU_BINARY, Board
 from qlaunch.config.profile import Disk, Net, Profile
 from qlaunch.errors import HostError
 from qlaunch.launch.host import HostFacts
+from qlaunch.names import stable_mac
 
 
 def esc(value: str) -> str:
     """Escape a value for QEMU's KEY=VALUE,... option syntax: a comma is written twice."""
     return value.replace(",", ",,")
-
-
-def stable_mac(vm_name: str, index: int) -> str:
-    """52:54:00:xx:xx:xx, the same for a VM's NIC on every start."""
-    h = hashlib.sha256(f"{vm_name}/{index}".encode()).digest()
-    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*h[:3])
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from qlaunch import units
 from qlaunch.boot import seed
 from qlaunch.config.profile import CloudInit, Disk, Profile
 from qlaunch.errors import ProfileError, QemuError
@@ -70,7 +71,7 @@ def prepare_disks(
         image.create(path, d.size, fmt=d.format)
         if note:
             note(
-                f"created {path} ({d.format}, {image.format_size(d.size)}) for "
+                f"created {path} ({d.format}, {units.format_size(d.size)}) for "
                 f"[[disk]] #{i}, as its size asks"
             )
     if seed_files is not None:
@@ -97,11 +98,11 @@ def _check_sd_size(profile: Profile, i: int, d: Disk, path: str) -> None:
     size = (
         os.stat(path).st_size if d.format == "raw" else image.info(path, fmt=d.format).virtual_size
     )
-    if not image.is_power_of_two(size):
+    if not units.is_power_of_two(size):
         raise ProfileError(
-            f"{profile.source}: [[disk]] #{i}: {path} is {image.format_size(size)}, but an SD card "
+            f"{profile.source}: [[disk]] #{i}: {path} is {units.format_size(size)}, but an SD card "
             "image must be a power of two in size",
-            hint=f"grow it to {image.format_size(image.round_up_pow2(size))} with: "
+            hint=f"grow it to {units.format_size(units.round_up_pow2(size))} with: "
             f"qlaunch image sd-round {path}",
         )
 

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from qlaunch import spawn
 from qlaunch.config.boards import QEMU_BINARY
 
 KVM_CREATE_VM = 0xAE01  # _IO(KVMIO=0xAE, 0x01)
@@ -140,7 +141,7 @@ def probe_tsc_khz(root: str | os.PathLike[str] = "/") -> int | None:
 def qemu_version(binary: str) -> str | None:
     """`qemu-system-x86_64 --version` -> "7.2.19"; costs a process, so only for reports."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        out = spawn.run([binary, "--version"], timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"version (\S+)", out.stdout)

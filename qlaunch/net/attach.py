@@ -35,7 +35,7 @@ from qlaunch.net import definitions, dhcp, links, netns, runtime
 
 
 def stable_mac(vm_name: str, index: int) -> str:
-    from qlaunch.launch.argv import stable_mac as mac
+    from qlaunch.names import stable_mac as mac
 
     return mac(vm_name, index)
 

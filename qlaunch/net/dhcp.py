@@ -16,11 +16,11 @@ import pwd
 import signal
 import socket
 import struct
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlaunch import spawn
 from qlaunch.errors import HostError
 from qlaunch.net.definitions import Network
 
@@ -100,7 +100,7 @@ def start(net: Network, rundir: Path) -> int:
     try:
         # dnsmasq forks and its first process exits only once the daemon is set up, with a
         # status and message that say what failed (address in use, bad option).
-        r = subprocess.run(argv(net, rundir), capture_output=True, text=True, timeout=30)
+        r = spawn.run(argv(net, rundir), timeout=30)
     except FileNotFoundError:
         raise HostError("dnsmasq is not installed", hint="apt-get install dnsmasq-base") from None
     if r.returncode != 0:

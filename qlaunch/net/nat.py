@@ -7,10 +7,10 @@ on stdin; it is spawned with an argv, never through a shell.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from qlaunch import spawn
 from qlaunch.errors import HostError
 from qlaunch.net.definitions import Network
 
@@ -89,7 +89,7 @@ def apply(networks: Iterable[Network]) -> None:
     nets = list(networks)
     text = ruleset(nets)
     try:
-        r = subprocess.run([NFT, "-f", "-"], input=text, capture_output=True, text=True)
+        r = spawn.run([NFT, "-f", "-"], input=text)
     except FileNotFoundError:
         raise HostError("nft is not installed", hint="apt-get install nftables") from None
     if r.returncode != 0:
@@ -105,5 +105,5 @@ def set_forwarding(on: bool) -> None:
 
 def listing() -> str:
     """`nft list table inet qlaunch` here, or "" when there is none."""
-    r = subprocess.run([NFT, "list", "table", "inet", TABLE], capture_output=True, text=True)
+    r = spawn.run([NFT, "list", "table", "inet", TABLE])
     return r.stdout if r.returncode == 0 else ""

@@ -18,66 +18,20 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from qlaunch.errors import HostError, QemuError, StateError, UsageError
 from qlaunch.spawn import spawn, stop_child
 from qlaunch.storage.holders import ImageInUse, describe, locked_path
+from qlaunch.units import MAX_SIZE, format_size, is_power_of_two, parse_size, round_up_pow2
 
 FORMATS = ("qcow2", "raw", "vdi", "vmdk")
 # Formats whose header can name a backing file; the others cannot be overlays.
 BACKING_FORMATS = ("qcow2",)
 INSTALL_HINT = "install it with: apt-get install -y qemu-utils"
-MAX_SIZE = 2**63 - 1  # qemu-img keeps sizes in an int64
 _IMAGE_MODE = 0o644  # what qemu-img gives the files it creates itself (before the umask)
 
-_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:(?<=[KMGTPE])I?B|B)?", re.IGNORECASE)
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-
-
-def parse_size(s: str) -> int:
-    """Bytes from a human size: "10G", "512M", "1.5G", "4096", "64KiB". Units are binary."""
-    text = s.strip()
-    m = _SIZE_RE.fullmatch(text)
-    if not m:
-        raise UsageError(
-            f"bad size {s!r}",
-            hint="a number of bytes, or a number with K, M, G, T, P or E (binary: 1G = 1024M)",
-        )
-    try:
-        number = Decimal(m.group(1))
-    except InvalidOperation as e:  # pragma: no cover - the regex only lets numbers through
-        raise UsageError(f"bad size {s!r}") from e
-    value = number * (1 << _UNITS[m.group(2).upper()])
-    if value != value.to_integral_value():
-        raise UsageError(
-            f"size {s!r} is not a whole number of bytes",
-            hint="a fraction must come out to whole bytes: 1.5G is fine, 1.3K is not",
-        )
-    result = int(value)
-    if result > MAX_SIZE:
-        raise UsageError(f"size {s!r} is too large", hint="qemu-img sizes stop at 8 EiB")
-    return result
-
-
-def format_size(n: int) -> str:
-    """The shortest exact binary spelling of n bytes ("1G", "1536M", "4097"), for messages."""
-    for unit in ("E", "P", "T", "G", "M", "K"):
-        shift = _UNITS[unit]
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def round_up_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def image_size(path: str, fmt: str) -> int:
 
 def check_image(source: str, index: int, disk: Disk, path: str) -> None:
     """Raise ProfileError when the SD card image at path is not a power of two in size."""
-    from qlaunch.storage.image import format_size, is_power_of_two, round_up_pow2
+    from qlaunch.units import format_size, is_power_of_two, round_up_pow2
 
     try:
         size = image_size(path, disk.format)

@@ -691,28 +691,25 @@ def _launch(
     try:
         with state.locked(name, "start", lock_timeout, r):
             _clear_previous(d)
-            old_umask = os.umask(0o077)
+            # 0700, and every file in it is written 0600: the VM's state is its owner's alone.
+            d.mkdir(mode=0o700)
             try:
-                d.mkdir(mode=0o700)
-                try:
-                    _build_and_run(
-                        d,
-                        prof,
-                        facts,
-                        _StartArgs(entry, restart, cmd, paused, fds, cleanup, runas, hotplug),
-                        note,
-                        early,
-                        ns,
-                    )
-                except QemuError:
-                    # QEMU's own words stay where the error says they are, until `qlaunch rm`.
-                    _undo_start(d, keep_logs=True)
-                    raise
-                except BaseException:
-                    _undo_start(d)
-                    raise
-            finally:
-                os.umask(old_umask)
+                _build_and_run(
+                    d,
+                    prof,
+                    facts,
+                    _StartArgs(entry, restart, cmd, paused, fds, cleanup, runas, hotplug),
+                    note,
+                    early,
+                    ns,
+                )
+            except QemuError:
+                # QEMU's own words stay where the error says they are, until `qlaunch rm`.
+                _undo_start(d, keep_logs=True)
+                raise
+            except BaseException:
+                _undo_start(d)
+                raise
     finally:
         if early is not None:
             early.abort()

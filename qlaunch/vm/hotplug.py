@@ -140,7 +140,7 @@ def attach_nic(
     lock_timeout: float = 30.0,
 ) -> dict[str, Any]:
     """Plug a NIC into the running VM (user mode: QEMU's NAT); returns its record."""
-    from qlaunch.launch.argv import stable_mac
+    from qlaunch.names import stable_mac
     from qlaunch.vm.qmp import QMPError
 
     if mode not in NIC_MODES:

@@ -500,7 +500,7 @@ def _check_version(mon: Monitor, hdr: dict[str, Any]) -> None:
 def _pin_macs(raw: dict[str, Any], old_name: str) -> dict[str, Any]:
     """NICs keep the MACs they had: by default a MAC derives from the VM's name, and a
     restore under another name must not change the guest's hardware."""
-    from qlaunch.launch.argv import stable_mac
+    from qlaunch.names import stable_mac
 
     raw = json.loads(json.dumps(raw))
     nets = raw.get("net")

@@ -21,7 +21,6 @@ Usage:
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,13 +90,6 @@ class QMPUnavailable(QemuError):
     """The monitor cannot be reached: no socket, nobody listening, or the connection ended."""
 
 
-def _quiet_library_logs() -> None:
-    # qemu.qmp logs connection failures as errors; ours say it better, once.
-    lib = logging.getLogger("qemu.qmp")
-    if not logging.getLogger("qlaunch").isEnabledFor(logging.DEBUG):
-        lib.setLevel(logging.CRITICAL)
-
-
 class Monitor:
     """One QMP session on a unix socket, synchronous, with its own event loop.
 
@@ -130,7 +122,6 @@ class Monitor:
 
     def connect(self, timeout: float = CONNECT_TIMEOUT) -> Monitor:
         """Connect and negotiate; QMPUnavailable or QMPTimeout if that fails."""
-        _quiet_library_logs()
         if self._lock is not None:
             self._lock.acquire()
         try:

@@ -89,14 +89,11 @@ def root(create: bool = False) -> Path:
     r = Path(os.path.abspath(paths.state_dir()))
     check_root(r)
     if create:
-        old = os.umask(0o077)
         try:
             r.mkdir(parents=True, exist_ok=True, mode=0o700)
             (r / ".locks").mkdir(exist_ok=True, mode=0o700)
         except OSError as e:
             raise _root_error(r, e.strerror or str(e)) from None
-        finally:
-            os.umask(old)
     return r
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from qlaunch import names
 from qlaunch.config import profile
 from qlaunch.config.settings import SECTIONS, reference_markdown, size_bytes
 from qlaunch.launch import argv as argvmod
@@ -49,9 +50,9 @@ def test_escape_doubles_commas() -> None:
 
 
 def test_stable_mac() -> None:
-    a = argvmod.stable_mac("vm1", 0)
-    assert a == argvmod.stable_mac("vm1", 0)
-    assert a != argvmod.stable_mac("vm1", 1)
+    a = names.stable_mac("vm1", 0)
+    assert a == names.stable_mac("vm1", 0)
+    assert a != names.stable_mac("vm1", 1)
     assert a.startswith("52:54:00:")
 
 

@@ -57,7 +57,7 @@ def test_a_stream_that_is_not_qemus(tmp_path: Path) -> None:
 
 
 def test_macs_are_pinned_to_the_saved_name() -> None:
-    from qlaunch.launch.argv import stable_mac
+    from qlaunch.names import stable_mac
 
     raw = {
         "net": [{"mode": "none"}, {"mode": "user"}, {"mode": "user", "mac": "52:54:00:00:00:01"}]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import IO, Any
 
+from qlaunch import units
 from qlaunch.cli import output
 from qlaunch.errors import UsageError
 
@@ -114,7 +115,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from qlaunch.storage import image
 
     _no_guest_cmd(args)
-    size = image.parse_size(args.size) if args.size is not None else None
+    size = units.parse_size(args.size) if args.size is not None else None
     if size == 0:
         raise UsageError(f"image size {args.size!r} is zero", hint="e.g. 1G or 512M")
     if size is None and args.backing is None:
@@ -142,9 +143,8 @@ def cmd_overlay(args: argparse.Namespace) -> int:
 
 
 def _size(n: int) -> str:
-    from qlaunch.storage import image
 
-    text = image.format_size(n)
+    text = units.format_size(n)
     return text if text == str(n) else f"{text} ({n} bytes)"
 
 
@@ -244,7 +244,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     before = image.info(args.path).virtual_size
     # "+2G" grows by that much; a bare size is the new size.
     grow = text.startswith("+")
-    size = image.parse_size(text[1:] if grow else text) + (before if grow else 0)
+    size = units.parse_size(text[1:] if grow else text) + (before if grow else 0)
     after = image.resize(args.path, size, shrink=args.shrink)
     print(f"{args.path}: {_size(before)} -> {_size(after.virtual_size)}")
     return 0
@@ -255,7 +255,7 @@ def cmd_sd_round(args: argparse.Namespace) -> int:
 
     _no_guest_cmd(args)
     before = image.info(args.path).virtual_size
-    if image.is_power_of_two(before):
+    if units.is_power_of_two(before):
         print(f"{args.path}: {_size(before)} is already a power of two; unchanged")
         return 0
     after = image.resize_to_pow2(args.path).virtual_size

@@ -138,7 +138,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from qlaunch.net import definitions, gc, netns, runtime
+    from qlaunch.net import definitions, netns, runtime
+    from qlaunch.vm import netgc as gc
 
     ns = _ns(args)
     definitions.load(args.name)
@@ -286,7 +287,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from qlaunch.net import gc
+    from qlaunch.vm import netgc as gc
 
     ns = _ns(args)
     report = gc.collect(ns)
