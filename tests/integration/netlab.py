@@ -181,6 +181,34 @@ def boot(
     return Guest(name, proc, log, nics)
 
 
+def nft_rules(ns: str) -> list[str]:
+    """The rules of qlaunch's table (`inet qlaunch`) in namespace NS as `CHAIN: RULE` lines;
+    [] when there is no table. Any other nft failure fails the test: a leak check that cannot
+    look must not pass."""
+    r = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "qlaunch"],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        assert "No such file or directory" in r.stderr, r.stderr
+        return []
+    chain, out = "", []
+    for line in r.stdout.splitlines():
+        t = line.strip()
+        if t.startswith("chain "):
+            chain = t.split()[1]
+        elif t and t != "}" and not t.startswith(("table ", "type ")):
+            out.append(f"{chain}: {t}")
+    return out
+
+
+def rules_naming(ns: str, *ifnames: str) -> list[str]:
+    """The rules of qlaunch's table in NS that match on one of these interfaces (a network's
+    bridge or uplink: rules name those, never a VM's tap)."""
+    return [r for r in nft_rules(ns) if any(f'"{n}"' in r for n in ifnames)]
+
+
 def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:

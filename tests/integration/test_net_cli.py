@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netlab import ip, namespace
+from netlab import ip, namespace, nft_rules, rules_naming
 
 from qlaunch.net import netns
 
@@ -51,7 +51,8 @@ def dnsmasq_pids(state: Path) -> list[int]:
 
 def test_lifecycle_in_a_namespace(run_cli, ns: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     state = tmp_path / "state"
-    code, out, err = run_cli("net", "create", "lan", "--subnet", "10.77.0.0/24")
+    # An uplink that need not exist: rules name interfaces, and these must all go.
+    code, out, err = run_cli("net", "create", "lan", "--subnet", "10.77.0.0/24", "--uplink", "eth9")
     assert (code, out) == (0, "lan\n"), err
     assert run_cli("net", "create", "iso", "--subnet", "10.79.0.0/24", "--mode", "isolated")[0] == 0
     code, out, _ = run_cli("net", "list", "--json")
@@ -68,6 +69,8 @@ def test_lifecycle_in_a_namespace(run_cli, ns: str, tmp_path: Path) -> None:  # 
     assert in_ns(ns, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
     rules = in_ns(ns, "nft", "list", "table", "inet", "qlaunch")
     assert "chain fwd-lan" in rules and "chain nat-lan" in rules and "chain fwd-iso" in rules
+    assert len(rules_naming(ns, "ql-lan")) == 7  # 2 jumps, 5 in fwd-lan
+    assert len(rules_naming(ns, "eth9")) == 2  # out through the uplink only, and masquerade
     assert len(dnsmasq_pids(state)) == 2
     # Nothing of this leaked into the caller's own namespace.
     assert (
@@ -86,7 +89,7 @@ def test_lifecycle_in_a_namespace(run_cli, ns: str, tmp_path: Path) -> None:  # 
     code, out, _ = run_cli("net", "gc", "--json")
     assert json.loads(out)["networks_taken_down"] == ["lan"]
     assert "ql-lan" not in links_of(ns)
-    assert "fwd-lan" not in in_ns(ns, "nft", "list", "table", "inet", "qlaunch")
+    assert rules_naming(ns, "ql-lan", "eth9") == [] and rules_naming(ns, "ql-iso")
 
     # start after stop: a fresh dnsmasq, and the old one is never left running.
     assert run_cli("net", "start", "lan")[0] == 0
@@ -103,7 +106,7 @@ def test_lifecycle_in_a_namespace(run_cli, ns: str, tmp_path: Path) -> None:  # 
     report = json.loads(out)
     assert report["networks_taken_down"] == ["lan"] and len(report["dnsmasq_killed"]) == 1
     assert "ql-lan" not in links_of(ns)
-    assert "fwd-lan" not in in_ns(ns, "nft", "list", "table", "inet", "qlaunch")
+    assert rules_naming(ns, "ql-lan", "eth9") == [] and rules_naming(ns, "ql-iso")
     assert len(dnsmasq_pids(state)) == 1  # iso's
 
     assert run_cli("net", "start", "lan")[0] == 0
@@ -113,14 +116,7 @@ def test_lifecycle_in_a_namespace(run_cli, ns: str, tmp_path: Path) -> None:  # 
     assert run_cli("net", "delete", "iso")[0] == 0
     assert "ql-iso" not in links_of(ns)
     assert dnsmasq_pids(state) == []
-    # The last network gone: so is the table.
-    assert (
-        subprocess.run(
-            ["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "qlaunch"],
-            capture_output=True,
-        ).returncode
-        != 0
-    )
+    assert nft_rules(ns) == []  # the last network gone: so is the table
     code, out, _ = run_cli("net", "list", "--json")
     assert [r["name"] for r in json.loads(out)] == ["lan"]
 
@@ -128,13 +124,7 @@ def test_lifecycle_in_a_namespace(run_cli, ns: str, tmp_path: Path) -> None:  # 
 def assert_nothing_left(ns: str, state: Path) -> None:
     assert links_of(ns) == ["lo"]
     assert dnsmasq_pids(state) == []
-    assert (
-        subprocess.run(
-            ["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "qlaunch"],
-            capture_output=True,
-        ).returncode
-        != 0
-    )
+    assert nft_rules(ns) == []
     assert not (state / ".networks" / ns / "lan").exists()
 
 

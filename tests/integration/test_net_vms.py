@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netlab import Guest, boot, namespace, upstream_of, wait_until
+from netlab import Guest, boot, namespace, nft_rules, rules_naming, upstream_of, wait_until
 from vmlab import BOOT_TIMEOUT, BOOTED, QLAUNCH, jq, ok, reap_all, row
 
 from qlaunch.launch.argv import stable_mac
-from qlaunch.net import dhcp, nat, netns, runtime
+from qlaunch.net import dhcp, netns, runtime
 from qlaunch.vm import state
 
 pytestmark = [pytest.mark.net, pytest.mark.boot]
@@ -88,7 +88,8 @@ LAN = ["--set", "net.0.mode=network", "--set", "net.0.network=lan"]
 
 def leftovers(ns: str, vm: str, mac: str, tap: str) -> list[str]:
     """What of VM is still on network lan in NS: its tap, dnsmasq's static lease, name or
-    lease for its MAC, its record, a rule naming its tap."""
+    lease for its MAC, its record. (nftables rules belong to the network, not the VM: they
+    name its bridge and uplink, and go with the network.)"""
     rundir = runtime.run_dir(ns, "lan")
     found = []
     if tap in tap_names(ns):
@@ -97,9 +98,6 @@ def leftovers(ns: str, vm: str, mac: str, tap: str) -> list[str]:
     found += [f"lease {x.ip}" for x in dhcp.leases(rundir) if x.mac == mac]
     if runtime.vm_record(rundir, vm).exists():
         found.append("attachment record")
-    with netns.entered(ns):
-        if tap in nat.listing():
-            found.append("nft rule")
     return found
 
 
@@ -215,8 +213,10 @@ def test_background_vms_on_a_nat_network(run_cli, bglab: tuple[str, Path]) -> No
     # Nothing for gc; the network is free to go.
     code, out, _ = run_cli("net", "gc", "--json", "--netns", ns)
     assert code == 0 and json.loads(out)["vms_released"] == []
+    assert len(rules_naming(ns, "ql-lan")) >= 4  # forward jumps and the bridge's own rules
     assert run_cli("net", "delete", "lan")[0] == 0
     assert not runtime.run_dir(ns, "lan").exists()
+    assert nft_rules(ns) == []  # the NAT chain's rules too, which name no interface
 
 
 def test_run_with_route_mode_and_an_isolated_nic(  # type: ignore[no-untyped-def]
@@ -225,7 +225,10 @@ def test_run_with_route_mode_and_an_isolated_nic(  # type: ignore[no-untyped-def
     """`qlaunch run` in a namespace ($QLAUNCH_NETNS), one VM with two NICs: a dynamic lease on
     a routed network and one on an isolated network."""
     ns, work = lab
-    assert run_cli("net", "create", "lab", "--subnet", "10.78.0.0/24", "--mode", "route")[0] == 0
+    code, _, err = run_cli(
+        "net", "create", "lab", "--subnet", "10.78.0.0/24", "--mode", "route", "--uplink", "up0"
+    )
+    assert code == 0, err
     code, _, err = run_cli(
         "net", "create", "quiet", "--subnet", "10.79.0.0/24", "--mode", "isolated"
     )
@@ -268,6 +271,13 @@ nc -w 5 198.51.100.2 7777 </dev/null || echo ISOLATED_BLOCKED
     shown = net_show(run_cli, ns, "lab")
     assert (shown["leases"], shown["attachments"], shown["vms"]) == ([], [], [])
     assert tap_names(ns) == set()
+    # Route mode forwards only between the bridge and the uplink, both ways.
+    uplink = rules_naming(ns, "up0")
+    assert len(uplink) == 2 and all('"ql-lab"' in r for r in uplink), uplink
+    assert rules_naming(ns, "ql-quiet")
+    for net in ("lab", "quiet"):
+        assert run_cli("net", "delete", net, "--netns", ns)[0] == 0
+    assert nft_rules(ns) == []
 
 
 def test_in_use_network_and_kill_9(run_cli, lab: tuple[str, Path]) -> None:  # type: ignore[no-untyped-def]
@@ -298,5 +308,7 @@ def test_in_use_network_and_kill_9(run_cli, lab: tuple[str, Path]) -> None:  # t
     assert json.loads(out)["vms_released"] == ["vmk"]
     wait_until(lambda: dhcp.leases(rundir) == [], 5, "the lease to be released")
     assert dhcp.read_hosts(rundir) == []
+    assert rules_naming(ns, "ql-lan")
     assert run_cli("net", "delete", "lan", "--netns", ns)[0] == 0
     assert not rundir.exists()
+    assert nft_rules(ns) == []
