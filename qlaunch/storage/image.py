@@ -23,6 +23,7 @@ from typing import Any
 from qlaunch.errors import HostError, QemuError, StateError, UsageError
 from qlaunch.spawn import spawn, stop_child
 from qlaunch.storage.holders import ImageInUse, describe, locked_path
+from qlaunch.storage.outfile import kind
 from qlaunch.units import MAX_SIZE, format_size, is_power_of_two, parse_size, round_up_pow2
 
 FORMATS = ("qcow2", "raw", "vdi", "vmdk")
@@ -227,6 +228,15 @@ def parse_info_json(text: str) -> ImageInfo:
     return below
 
 
+def _require_image(p: str, shown: str | os.PathLike[str]) -> None:
+    what = kind(p)
+    if what == "missing":
+        raise UsageError(f"{shown}: no such image")
+    if what not in (None, "a block device"):
+        # qemu-img would wait forever on a FIFO, and calls a directory a failure of its own.
+        raise UsageError(f"{shown} is {what}, not an image")
+
+
 def info(path: str | os.PathLike[str], *, fmt: str | None = None) -> ImageInfo:
     """What qemu-img knows about an image and its backing chain.
 
@@ -234,8 +244,7 @@ def info(path: str | os.PathLike[str], *, fmt: str | None = None) -> ImageInfo:
     it only reads headers, so a torn read costs a wrong number, never data.
     """
     p = _abs(path)
-    if not os.path.exists(p):
-        raise UsageError(f"{path}: no such image")
+    _require_image(p, path)
     args = ["info", "--output=json", "--backing-chain", "-U"]
     if fmt:
         _check_format(fmt)
@@ -419,8 +428,7 @@ def convert(
     if src_fmt is not None:
         _check_format(src_fmt)
     s, d = _abs(src), _abs(dst)
-    if not os.path.exists(s):
-        raise UsageError(f"{src}: no such image")
+    _require_image(s, src)
     if os.path.lexists(d):
         raise UsageError(
             f"{dst} already exists; refusing to overwrite it",
