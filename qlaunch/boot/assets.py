@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -34,6 +35,8 @@ from typing import Literal
 from qlaunch import spawn
 from qlaunch.errors import AssetError, UsageError
 from qlaunch.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import lzma
 import os
 import shlex
@@ -23,6 +24,8 @@ from pathlib import Path, PurePosixPath
 from qlaunch.boot.assets import AssetSet
 from qlaunch.errors import AssetError
 from qlaunch.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 INIT_SCRIPT = Path(__file__).resolve().parent / "guest" / "init"
 

@@ -17,6 +17,7 @@ left behind even when QEMU is killed with SIGKILL, and the base is opened read-o
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from qlaunch.launch.argv import esc
 from qlaunch.spawn import spawn
 from qlaunch.storage import image
 from qlaunch.storage.holders import ImageInUse, describe, locked_path
+
+log = logging.getLogger(__name__)
 
 SEED_NAME = "cloud-init-seed.iso"
 
@@ -68,6 +71,7 @@ def prepare_disks(
         return tuple(paths)
     for i, d, path in create:
         assert d.size is not None
+        log.debug("disk #%d: creating %s (%s, %d bytes)", i, path, d.format, d.size)
         image.create(path, d.size, fmt=d.format)
         if note:
             note(

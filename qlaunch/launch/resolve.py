@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -12,6 +13,8 @@ from pathlib import Path, PurePosixPath
 from qlaunch import paths
 from qlaunch.config.profile import Profile
 from qlaunch.errors import AssetError, ProfileError
+
+log = logging.getLogger(__name__)
 
 ASSET_RE = re.compile(r"^asset:([A-Za-z0-9_-]+)/(.+)$")
 DEFAULT_SET = {"x86_64": "x86_64", "aarch64": "aarch64", "arm": "arm"}
@@ -86,6 +89,7 @@ def boot_files(profile: Profile, cmd: list[str] | None, workdir: Path) -> BootFi
         )
     from qlaunch.boot import dtb
 
+    log.debug("boot files: kernel %s, initrd %s, dtb %s", files.kernel, initrd, files.dtb)
     return BootFiles(files.kernel, initrd, dtb.for_board(profile.board, files.dtb))
 
 

@@ -7,6 +7,7 @@ says so, since QEMU would otherwise wait forever.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -27,6 +28,8 @@ from qlaunch.launch import disks, plan, resolve
 from qlaunch.launch.host import HostFacts
 from qlaunch.net import attach, netns
 from qlaunch.spawn import spawn, stop_child
+
+log = logging.getLogger(__name__)
 
 EXIT_RE = re.compile(protocol.EXIT_RE.pattern.encode())
 HALT_RE = re.compile(protocol.HALT_RE.pattern.encode())
@@ -114,6 +117,7 @@ def run(
         attach.nics_for(profile, profile.name, netns.from_env(None)) as nics,
     ):
         p = plan_run(profile, host, cmd, Path(tmp), taps=nics.taps, nic_append=nics.append)
+        log.debug("run: %s under %s, %d fds passed", profile.name, p.accel, len(nics.fds))
         if accel_note and note:
             note(accel_note)
         return _drive(profile, list(p.argv), out, bool(cmd), nics.fds)
@@ -194,6 +198,7 @@ def _drive(
     finally:
         filt.flush()
     rc = proc.wait()
+    log.debug("run: QEMU (pid %d) exited %d; guest status %s", proc.pid, rc, filt.status)
     err_thread.join(timeout=2)
     stderr = b"".join(errbuf).decode(errors="replace").strip()
     tail = [line.decode(errors="replace") for line in filt.tail]

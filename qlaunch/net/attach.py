@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -32,6 +33,8 @@ from typing import Any
 from qlaunch.config.profile import Profile
 from qlaunch.errors import HostError, StateError, UsageError
 from qlaunch.net import definitions, dhcp, links, netns, runtime
+
+log = logging.getLogger(__name__)
 
 
 def stable_mac(vm_name: str, index: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import logging
 import os
 import pwd
 import signal
@@ -23,6 +24,8 @@ from pathlib import Path
 from qlaunch import spawn
 from qlaunch.errors import HostError
 from qlaunch.net.definitions import Network
+
+log = logging.getLogger(__name__)
 
 DNSMASQ = "dnsmasq"
 LEASE_TIME = "1h"

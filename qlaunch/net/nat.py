@@ -7,12 +7,15 @@ on stdin; it is spawned with an argv, never through a shell.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from qlaunch import spawn
 from qlaunch.errors import HostError
 from qlaunch.net.definitions import Network
+
+log = logging.getLogger(__name__)
 
 TABLE = "qlaunch"
 NFT = "nft"

@@ -8,14 +8,16 @@ namespace serialises every change there, the nftables table included.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from qlaunch import paths
 from qlaunch.errors import HostError, StateError
 from qlaunch.net import definitions, dhcp, links, nat, netns
 from qlaunch.net.definitions import Network
+
+log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT = 30.0
 
@@ -152,24 +156,33 @@ def active(ns: str | None) -> dict[str, Active]:
 # --- up and down (call inside netns.entered(ns) and locked(ns)) ------------------------------
 
 
-@dataclass
 class Undo:
-    """What has been made so far, undone in reverse order when a later step fails."""
+    """What has been made so far, undone in reverse order when a later step fails: an
+    ExitStack whose steps record their own failures, so that one failed step does not keep
+    the others from running, and the error can say what could not be undone."""
 
-    steps: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._failed: list[str] = []
 
     def add(self, what: str, fn: Callable[[], object]) -> None:
-        self.steps.append((what, fn))
-
-    def run(self) -> list[str]:
-        failed = []
-        for what, fn in reversed(self.steps):
+        def step() -> None:
             try:
                 fn()
             except (OSError, HostError, StateError) as e:
-                failed.append(f"{what}: {e}")
-        self.steps.clear()
+                self._failed.append(f"{what}: {e}")
+
+        self._stack.callback(step)
+
+    def run(self) -> list[str]:
+        """Undo every step; returns the ones that failed."""
+        self._stack.close()
+        failed, self._failed = self._failed, []
         return failed
+
+    def keep(self) -> None:
+        """Everything worked: nothing is to be undone."""
+        self._stack.pop_all()
 
 
 def is_up(ns: str | None, net: Network) -> bool:
@@ -242,7 +255,7 @@ def bring_up(ns: str | None, net: Network) -> Active:
         raise type(e)(
             f"{e.message}; nothing of network {net.name} was left behind{extra}", hint=e.hint
         ) from None
-    undo.steps.clear()
+    undo.keep()
     return a
 
 

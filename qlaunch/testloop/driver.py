@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import selectors
 import shutil
@@ -32,6 +33,8 @@ from typing import IO, Any, Protocol
 from qlaunch.boot import protocol
 from qlaunch.errors import AssetError, ProfileError, QemuError, QlaunchError, UsageError
 from qlaunch.testloop import console as con
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROFILE = {"x86_64": "default", "aarch64": "aarch64-virt", "arm": "arm-virt"}
 WATCHDOG_BASE = 30.0  # seconds of silence before the watchdog fires, before TCG scaling
@@ -347,12 +350,55 @@ def _missing_line(what: str, options: list[str], modules: list[str], where: str 
 
 def prepare(spec: ExecSpec, workdir: Path) -> Plan:
     """Everything up to QEMU's argv: checks, profile, initramfs. Files go to workdir."""
-    from qlaunch import paths
-    from qlaunch.boot import assets, initramfs
-    from qlaunch.boot import kernel as kmod
+    from qlaunch.launch import argv as argvmod
     from qlaunch.launch import host as hostmod
-    from qlaunch.launch import resolve
 
+    _check_spec(spec)
+    k, prof = _kernel_and_profile(spec)
+    host = hostmod.probe()
+    accel, accel_note = argvmod.choose_accel(prof, host)
+    scale = TCG_SCALE if accel == "tcg" else 1
+    notes = [accel_note] if accel_note else []
+    busybox_set = k.asset if k.asset is not None else _busybox_set(prof.machine.arch)
+    tree = _kernel_tree(spec, k, workdir, notes)
+    transport, load = _drivers(spec, prof, k, tree, notes)
+    initrd = _initrd(spec, prof, k, tree, busybox_set, load, workdir)
+    shares = tuple(
+        argvmod.Share(f"qlshare{i}", str(s.host), s.readonly) for i, s in enumerate(spec.shares)
+    )
+    append = protocol.exec_kernel_args(
+        transport,
+        [(sh.tag, str(s.guest)) for sh, s in zip(shares, spec.shares, strict=True)],
+        spec.fail_on_warn,
+    )
+    dtb = _board_dtb(prof, busybox_set, notes)
+    name = spec.name or prof.name
+    log.debug("exec %s: kernel %s, transport %s, modules %s", name, k.label, transport, load)
+    return Plan(
+        name=name,
+        profile=prof,
+        host=host,
+        kernel=str(k.path),
+        kernel_label=k.label,
+        initrd=str(initrd),
+        dtb=dtb,
+        transport=transport,
+        append=tuple(append),
+        shares=shares,
+        timeout=spec.timeout,
+        watchdog=(spec.watchdog if spec.watchdog is not None else WATCHDOG_BASE) * scale,
+        scale=scale,
+        fail_on_warn=spec.fail_on_warn,
+        boot_failure_exit=spec.boot_failure_exit,
+        console_log=Path(spec.console_log) if spec.console_log else _log_path(name),
+        console_log_default=not spec.console_log,
+        workdir=workdir,
+        notes=notes,
+        disk_paths=_disk_paths(prof, workdir),
+    )
+
+
+def _check_spec(spec: ExecSpec) -> None:
     if not spec.cmd:
         raise UsageError("exec needs a command after --", hint="qlaunch exec -- uname -r")
     if spec.console_log:
@@ -363,6 +409,12 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
             raise UsageError(f"--console-log {spec.console_log} is a directory, not a file")
     if spec.arch is not None and spec.arch not in DEFAULT_PROFILE:
         raise UsageError(f"--arch {spec.arch}: expected one of {', '.join(DEFAULT_PROFILE)}")
+
+
+def _kernel_and_profile(spec: ExecSpec) -> tuple[_Kernel, Any]:
+    """The kernel and the profile it boots on, each checked against the other's arch."""
+    from qlaunch.boot import kernel as kmod
+
     k: _Kernel | None = None
     detected: str | None = None
     if spec.kernel is not None:
@@ -382,18 +434,29 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
         detected = k.asset.arch if k.asset is not None else kmod.detect_arch(k.path)
     why = f"profile {prof.name}'s board ({prof.machine.machine})"
     _check_arch(k, detected, prof.machine.arch, why if spec.profile else "the arch")
-    arch = prof.machine.arch
-    board = prof.board
-    host = hostmod.probe()
-    from qlaunch.launch import argv as argvmod
+    return k, prof
 
-    accel, accel_note = argvmod.choose_accel(prof, host)
-    scale = TCG_SCALE if accel == "tcg" else 1
-    notes = [accel_note] if accel_note else []
 
-    # The modules the guest can load, and the config that says what is built in.
+@dataclass(frozen=True)
+class _Tree:
+    """The modules the guest can load, and the config that says what is built in."""
+
+    mod_dir: Path | None
+    where: str | None  # how messages name where the modules came from
+    config: Path | None
+    release: str | None
+    have: set[str]
+    builtin: set[str]
+
+    def driver(self, option: str, module: str) -> str:
+        return _driver(option, module, self.have, self.builtin, self.config, bool(self.mod_dir))
+
+
+def _kernel_tree(spec: ExecSpec, k: _Kernel, workdir: Path, notes: list[str]) -> _Tree:
+    from qlaunch.boot import initramfs
+    from qlaunch.boot import kernel as kmod
+
     release = k.asset.version if k.asset is not None else kmod.kernel_release(k.path)
-    busybox_set = k.asset if k.asset is not None else _busybox_set(arch)
     mod_dir: Path | None
     if spec.modules:
         mod_dir = kmod.find_modules_dir(spec.modules, release)
@@ -418,131 +481,120 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
     builtin: set[str] = set()
     if mod_dir is not None:
         have, builtin = initramfs.module_names(mod_dir)
+    return _Tree(mod_dir, where, config, release, have, builtin)
 
-    def state(option: str, module: str) -> str:
-        return _driver(option, module, have, builtin, config, mod_dir is not None)
 
+def _needs(tree: _Tree, needed: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(modules to load, (option, module) pairs that are missing) for these drivers."""
+    states = [tree.driver(o, m) for o, m in needed]
+    load = [m for (_, m), s in zip(needed, states, strict=True) if s == "module"]
+    missing = [n for n, s in zip(needed, states, strict=True) if s == "missing"]
+    return load, missing
+
+
+def _drivers(
+    spec: ExecSpec, prof: Any, k: _Kernel, tree: _Tree, notes: list[str]
+) -> tuple[str, list[str]]:
+    """The output transport (virtio ports, else framed console lines) and the modules the
+    initramfs loads for it, for 9p shares, and for the profile's disks and NICs."""
+    from qlaunch.boot import initramfs
+
+    board = prof.board
+    bus = ("VIRTIO_MMIO", "virtio_mmio") if board.virtio == "mmio" else ("VIRTIO_PCI", "virtio_pci")
     load: list[str] = []
     transport = "console"
     if board.virtio:
-        bus = (
-            ("VIRTIO_MMIO", "virtio_mmio")
-            if board.virtio == "mmio"
-            else ("VIRTIO_PCI", "virtio_pci")
-        )
-        needed = [bus, ("VIRTIO_CONSOLE", "virtio_console")]
-        states = [state(o, m) for o, m in needed]
-        missing = [n for n, s in zip(needed, states, strict=True) if s == "missing"]
+        mods, missing = _needs(tree, [bus, ("VIRTIO_CONSOLE", "virtio_console")])
         if missing:
             notes.append(
                 _missing_line(
                     "no virtio console",
                     [o for o, _ in missing],
                     [m for _, m in missing],
-                    where,
+                    tree.where,
                 )
                 + "; stdout and stderr come framed over the serial console"
             )
         else:
             transport = "ports"
-            load += [m for (_, m), s in zip(needed, states, strict=True) if s == "module"]
+            load += mods
     if spec.shares:
         if not board.virtio:
             raise UsageError(
                 f"--share needs virtio (9p), and {prof.machine.machine} has no virtio transport",
                 hint="use a virt board (aarch64-virt, arm-virt) or an x86_64 profile",
             )
-        bus = (
-            ("VIRTIO_MMIO", "virtio_mmio")
-            if board.virtio == "mmio"
-            else ("VIRTIO_PCI", "virtio_pci")
-        )
-        needed = [bus, ("NET_9P", "9pnet"), ("NET_9P_VIRTIO", "9pnet_virtio"), ("9P_FS", "9p")]
-        states = [state(o, m) for o, m in needed]
-        missing = [n for n, s in zip(needed, states, strict=True) if s == "missing"]
+        ninep = [bus, ("NET_9P", "9pnet"), ("NET_9P_VIRTIO", "9pnet_virtio"), ("9P_FS", "9p")]
+        mods, missing = _needs(tree, ninep)
         if missing:
             hint = "build the kernel with " + " ".join(f"CONFIG_{o}=y" for o, _ in missing)
-            if arch == "x86_64" and k.asset is not None and k.asset.name == "x86_64":
+            if prof.machine.arch == "x86_64" and k.asset is not None and k.asset.name == "x86_64":
                 hint = "the Debian cloud kernel has no 9p: use --kernel asset:x86_64-generic"
             raise UsageError(
                 _missing_line(
-                    "--share needs 9p", [o for o, _ in missing], [m for _, m in missing], where
+                    "--share needs 9p", [o for o, _ in missing], [m for _, m in missing], tree.where
                 ),
                 hint=hint,
             )
-        load += [
-            m for (_, m), s in zip(needed, states, strict=True) if s == "module" and m not in load
-        ]
+        load += [m for m in mods if m not in load]
     if prof.disks or prof.nets:
-        load += [m for m in initramfs.DEFAULT_MODULES[arch] if m in have and m not in load]
+        defaults = initramfs.DEFAULT_MODULES[prof.machine.arch]
+        load += [m for m in defaults if m in tree.have and m not in load]
     load += [m for m in prof.boot.modules if m not in load]
     for name in spec.module:
-        if mod_dir is None:
+        if tree.mod_dir is None:
             raise UsageError(f"--module {name} needs --modules DIR (or an asset kernel)")
+    return transport, load
 
-    tree = mod_dir if mod_dir is not None else _empty_modules_tree()
+
+def _initrd(
+    spec: ExecSpec,
+    prof: Any,
+    k: _Kernel,
+    tree: _Tree,
+    busybox_set: Any,
+    load: list[str],
+    workdir: Path,
+) -> Path:
+    """qlaunch's initramfs for this kernel (cached by content), with the command appended."""
+    from qlaunch.boot import assets, initramfs
+
+    modules = tree.mod_dir if tree.mod_dir is not None else _empty_modules_tree()
     # The initramfs builder takes an asset set; a tree of the user's is one without a manifest.
-    own = k.asset is not None and tree == k.asset.modules
+    own = k.asset is not None and modules == k.asset.modules
     aset = assets.AssetSet(
-        name=k.asset.name if own else "custom",
-        arch=arch,
-        version=release or "unknown",
-        root=k.asset.root if own else tree,
+        name=k.asset.name if own and k.asset else "custom",
+        arch=prof.machine.arch,
+        version=tree.release or "unknown",
+        root=k.asset.root if own and k.asset else modules,
         kernel=k.path,
-        config=config or tree / "config",
-        modules=tree,
+        config=tree.config or modules / "config",
+        modules=modules,
         dtbs=busybox_set.dtbs,
         busybox=busybox_set.busybox,
     )
     base = initramfs.build_initramfs(aset, load, pack=spec.module)
-    guest_cwd = _guest_cwd(spec.shares)
-    initrd = initramfs.initrd_with_command(
-        base, list(spec.cmd), workdir / "initrd.cpio.gz", workdir=guest_cwd
+    return initramfs.initrd_with_command(
+        base, list(spec.cmd), workdir / "initrd.cpio.gz", workdir=_guest_cwd(spec.shares)
     )
 
-    shares = tuple(
-        argvmod.Share(f"qlshare{i}", str(s.host), s.readonly) for i, s in enumerate(spec.shares)
-    )
-    append = protocol.exec_kernel_args(
-        transport,
-        [(sh.tag, str(s.guest)) for sh, s in zip(shares, spec.shares, strict=True)],
-        spec.fail_on_warn,
-    )
+
+def _board_dtb(prof: Any, busybox_set: Any, notes: list[str]) -> str | None:
+    from qlaunch import paths
+    from qlaunch.launch import resolve
 
     dtb = resolve.refs(prof, paths.cache_dir()).dtb
-    if dtb is None and board.dtb:
+    if dtb is None and prof.board.dtb:
         # A board that needs a DTB, booting a kernel that is not an asset: the Debian one for
         # the board usually fits a mainline build; say so, since it may not.
-        dtb = str(busybox_set.dtbs / board.dtb)
+        dtb = str(busybox_set.dtbs / prof.board.dtb)
         notes.append(
             f"{prof.machine.machine} needs a device tree: using {dtb} "
             "(--set boot.dtb=PATH for your build's own)"
         )
     if dtb and not Path(dtb).is_file():
         raise AssetError(f"{prof.source}: [boot] dtb: {dtb} is not there")
-    name = spec.name or prof.name
-    return Plan(
-        name=name,
-        profile=prof,
-        host=host,
-        kernel=str(k.path),
-        kernel_label=k.label,
-        initrd=str(initrd),
-        dtb=dtb,
-        transport=transport,
-        append=tuple(append),
-        shares=shares,
-        timeout=spec.timeout,
-        watchdog=(spec.watchdog if spec.watchdog is not None else WATCHDOG_BASE) * scale,
-        scale=scale,
-        fail_on_warn=spec.fail_on_warn,
-        boot_failure_exit=spec.boot_failure_exit,
-        console_log=Path(spec.console_log) if spec.console_log else _log_path(name),
-        console_log_default=not spec.console_log,
-        workdir=workdir,
-        notes=notes,
-        disk_paths=_disk_paths(prof, workdir),
-    )
+    return dtb
 
 
 def _disk_paths(prof: Any, workdir: Path) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import select
@@ -46,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 from qlaunch.errors import QemuError, QlaunchError, StateError, UsageError
 from qlaunch.vm import state
 from qlaunch.vm.state import Live, Record
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from qlaunch.config.profile import Profile
@@ -380,8 +383,8 @@ class VM:
             },
             exits=[dict(asdict(e), describe=e.describe()) for e in rec.exits[-5:]],
             failed_reason=rec.failed_reason,
-            hotplug=rec.extra.get("hotplug", []),
-            netns=rec.extra.get("netns"),
+            hotplug=rec.hotplug,
+            netns=rec.netns,
             nics=_nics_status(rec),
             command_status=self.command_status(),
             qmp=None,
@@ -578,11 +581,11 @@ class VM:
 def _nics_status(rec: Record) -> list[dict[str, Any]]:
     """The NICs as started (mode, network, tap, MAC), each with the address dnsmasq leased
     it, if any."""
-    nics = [dict(n) for n in rec.extra.get("nics") or []]
+    nics = [dict(n) for n in rec.nics]
     if any(n.get("network") for n in nics):
         from qlaunch.net import attach
 
-        leased = attach.leases_of(nics, rec.extra.get("netns"))
+        leased = attach.leases_of(nics, rec.netns)
         for n in nics:
             n["lease"] = leased.get(n.get("mac", ""))
     return nics
@@ -850,72 +853,26 @@ def _build_and_run(
     early: SupervisorHandle | None = None,
     ns: str | None = None,
 ) -> None:
-    from qlaunch.launch import plan as planmod
-    from qlaunch.launch import resolve
+    """Make what the plan needs, write the plan and the record, and let the supervisor start
+    QEMU. Whatever was made (taps, leases, cgroups) is undone if a later step fails."""
+    from qlaunch.launch import disks, resolve
     from qlaunch.vm import resources
 
     name = d.name
     files = resolve.boot_files(prof, list(a.cmd) if a.cmd else None, d)
-    disk_paths: tuple[str, ...] = ()
-    if prof.disks:
-        from qlaunch.launch import disks
-
-        disk_paths = disks.prepare_disks(prof, d, note=note)
+    disk_paths = disks.prepare_disks(prof, d, note=note) if prof.disks else ()
     hooks = [dict(h) for h in a.cleanup]
-    nics: Any = None
-    extra: dict[str, Any] = {"netns": ns} if ns else {}
-    if prof.nets:
-        from qlaunch.net import attach
-
-        nics = attach.prepare_nics(prof, name, ns)
-        extra["nics"] = nics.record
-        if any(n.get("network") for n in nics.record):
-            hooks.append(
-                {
-                    "call": "qlaunch.net.attach:release_nics",
-                    "args": [name, ns],
-                    "what": "release the VM's NICs",
-                }
-            )
-    res: resources.Prepared | None = None
-    try:
-        all_fds = [*a.fds, *(nics.fds if nics else [])]
-        mon_fd = next(n for n in range(3, 1 << 16) if n not in all_fds)
+    with contextlib.ExitStack() as fds_open, contextlib.ExitStack() as undo:
+        nics = _prepare_nics(prof, name, ns, hooks, undo, fds_open)
         res = resources.prepare(name, prof)
         if res is not None:
-            extra["resources"] = res.record
+            undo.callback(res.rollback)
             hooks.append(res.hook)
+        all_fds = [*a.fds, *(nics.fds if nics else [])]
+        mon_fd = next(n for n in range(3, 1 << 16) if n not in all_fds)
         uuid = new_uuid()
-        rt = planmod.wire(
-            a.entry,
-            name,
-            kernel=_abs(files.kernel),
-            initrd=_abs(files.initrd),
-            dtb=_abs(files.dtb),
-            statedir=str(d),
-            uuid=uuid,
-            disk_paths=disk_paths,
-            taps=nics.taps if nics else (),
-            nic_append=nics.append if nics else (),
-            mem_path=res.mem_path if res else None,
-            runas=a.runas,
-            monitor_fd=mon_fd,
-            hotplug=tuple(a.hotplug),
-        )
-        launch = planmod.build(prof, facts, a.entry, rt)
-        state.write_json(d / "argv.json", list(launch.argv))
-        state.write_json(d / "plan.json", launch.to_json())
-        state.write_json(
-            d / "profile.json",
-            {
-                "name": prof.name,
-                "source": prof.source,
-                "boot_files": {"kernel": rt.kernel, "initrd": rt.initrd, "dtb": rt.dtb},
-                "accel": launch.accel,
-                "command": list(a.cmd) if a.cmd else None,
-                "profile": prof.raw,
-            },
-        )
+        rt = _wire(d, a, files, disk_paths, nics, res, uuid=uuid, monitor_fd=mon_fd)
+        _write_plan(d, prof, facts, a, rt)
         rec = state.Record(
             name=name,
             uuid=uuid,
@@ -927,7 +884,9 @@ def _build_and_run(
             fds=all_fds,
             monitor_fd=mon_fd,
             cleanup=hooks,
-            extra=extra,
+            netns=ns,
+            nics=nics.record if nics else [],
+            resources=res.record if res is not None else None,
         )
         state.write_record(d, rec)
         state.log(d, f"{a.entry}: profile {prof.name}, restart policy {a.restart}")
@@ -937,16 +896,90 @@ def _build_and_run(
             # QEMU must run where its taps are: the supervisor (its parent) starts there.
             with _in_netns(ns):
                 sup = SupervisorHandle(d, all_fds)
+        log.debug("%s: supervisor pid %d told to go", name, sup.proc.pid)
         sup.go_and_wait()
-    except BaseException:
-        if nics is not None:
-            nics.rollback()
-        if res is not None:
-            res.rollback()
-        raise
-    finally:
-        if nics is not None:
-            nics.close_fds()  # the supervisor has its own copies now
+        log.debug("%s: QEMU runs and answered QMP", name)
+        undo.pop_all()
+
+
+def _prepare_nics(
+    prof: Profile,
+    name: str,
+    ns: str | None,
+    hooks: list[dict[str, Any]],
+    undo: contextlib.ExitStack,
+    fds_open: contextlib.ExitStack,
+) -> Any:
+    """Taps (and leases) for the profile's NICs, or None without NICs."""
+    if not prof.nets:
+        return None
+    from qlaunch.net import attach
+
+    nics = attach.prepare_nics(prof, name, ns)
+    fds_open.callback(nics.close_fds)  # once the supervisor runs, it holds its own copies
+    undo.callback(nics.rollback)
+    if any(n.get("network") for n in nics.record):
+        hooks.append(
+            {
+                "call": "qlaunch.net.attach:release_nics",
+                "args": [name, ns],
+                "what": "release the VM's NICs",
+            }
+        )
+    return nics
+
+
+def _wire(
+    d: Path,
+    a: _StartArgs,
+    files: Any,
+    disk_paths: tuple[str, ...],
+    nics: Any,
+    res: Any,
+    *,
+    uuid: str,
+    monitor_fd: int,
+) -> Any:
+    from qlaunch.launch import plan as planmod
+
+    return planmod.wire(
+        a.entry,
+        d.name,
+        kernel=_abs(files.kernel),
+        initrd=_abs(files.initrd),
+        dtb=_abs(files.dtb),
+        statedir=str(d),
+        uuid=uuid,
+        disk_paths=disk_paths,
+        taps=nics.taps if nics else (),
+        nic_append=nics.append if nics else (),
+        mem_path=res.mem_path if res else None,
+        runas=a.runas,
+        monitor_fd=monitor_fd,
+        hotplug=tuple(a.hotplug),
+    )
+
+
+def _write_plan(d: Path, prof: Profile, facts: Any, a: _StartArgs, rt: Any) -> None:
+    """argv.json is what the supervisor runs; plan.json and profile.json say where it came
+    from (save files carry them, `status` shows them)."""
+    from qlaunch.launch import plan as planmod
+
+    launch = planmod.build(prof, facts, a.entry, rt)
+    log.debug("%s: %s plan under %s, fds %s", d.name, a.entry, launch.accel, launch.fds)
+    state.write_json(d / "argv.json", list(launch.argv))
+    state.write_json(d / "plan.json", launch.to_json())
+    state.write_json(
+        d / "profile.json",
+        {
+            "name": prof.name,
+            "source": prof.source,
+            "boot_files": {"kernel": rt.kernel, "initrd": rt.initrd, "dtb": rt.dtb},
+            "accel": launch.accel,
+            "command": list(a.cmd) if a.cmd else None,
+            "profile": prof.raw,
+        },
+    )
 
 
 def _abs(path: str | None) -> str | None:

@@ -15,7 +15,7 @@ PCIe cannot hotplug onto the root bus: on q35 each device takes one of the free
 `pcie-root-port`s that argv adds (argv.HOTPLUG_PORTS); the legacy `pc` machine hotplugs onto
 pci.0 directly. Boards without PCI (microvm, the ARM boards' MMIO) have no hotplug.
 
-Each plugged device is recorded in the VM's state (record.extra["hotplug"]: `status` shows
+Each plugged device is recorded in the VM's state (record.hotplug: `status` shows
 them) and its arguments are added to argv.json, so a restart of QEMU by the supervisor brings
 the VM back with the same devices on the same ports; `save` and `restore` carry them too.
 """
@@ -45,7 +45,7 @@ def devices(name: str, base: Path | None = None) -> list[dict[str, Any]]:
     """The VM's hotplugged devices as recorded."""
     from qlaunch.vm.api import VM
 
-    return list(VM.get(name, base).record().extra.get("hotplug", []))
+    return list(VM.get(name, base).record().hotplug)
 
 
 # ---- disks ---------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def attach_disk(
         raise UsageError(f"{fmt!r} is not an image format", hint="one of " + ", ".join(FORMATS))
     with state.locked(vm.name, "attach-disk", lock_timeout, vm.base):
         rec = _live_record(vm)
-        for dev in rec.extra.get("hotplug", []):
+        for dev in rec.hotplug:
             if dev.get("path") == path:
                 raise UsageError(f"{path} is already attached to VM {vm.name} as {dev['id']}")
         # Says who holds the image, where QEMU would only say "Failed to get write lock".
@@ -251,7 +251,7 @@ def _js(obj: dict[str, Any]) -> str:
 
 
 def _next_id(rec: state.Record, prefix: str) -> str:
-    used = {d["id"] for d in rec.extra.get("hotplug", [])}
+    used = {d["id"] for d in rec.hotplug}
     n = 1
     while f"{prefix}{n}" in used:
         n += 1
@@ -285,7 +285,7 @@ def _free_bus(mon: Monitor, vm: VM, rec: state.Record) -> str | None:
             f"VM {vm.name}: {board.machine} gets no hotplug ports from qlaunch",
             hint="hotplug works on the x86_64 q35 and pc machines",
         )
-    busy = {d.get("bus") for d in rec.extra.get("hotplug", [])}
+    busy = {d.get("bus") for d in rec.hotplug}
     present: dict[str, bool] = {}
     for bus in mon.execute("query-pci"):
         for dev in bus.get("devices", []):
@@ -309,12 +309,12 @@ def _free_bus(mon: Monitor, vm: VM, rec: state.Record) -> str | None:
 
 def _entry(vm: VM, dev_id: str, kind: str) -> dict[str, Any]:
     rec = _live_record(vm)
-    for dev in rec.extra.get("hotplug", []):
+    for dev in rec.hotplug:
         if dev["id"] == dev_id:
             if dev["kind"] != kind:
                 raise UsageError(f"{dev_id} of VM {vm.name} is a {dev['kind']}, not a {kind}")
             return dict(dev)
-    mine = ", ".join(d["id"] for d in rec.extra.get("hotplug", []) if d["kind"] == kind)
+    mine = ", ".join(d["id"] for d in rec.hotplug if d["kind"] == kind)
     raise UsageError(
         f"VM {vm.name} has no hotplugged {kind} {dev_id!r}",
         hint=f"hotplugged {kind}s: {mine or 'none'}; devices from the profile stay until the "
@@ -359,7 +359,7 @@ def _quiet(mon: Monitor, command: str, args: dict[str, Any]) -> None:
 
 def _record_add(vm: VM, entry: dict[str, Any]) -> None:
     def ch(r: state.Record) -> None:
-        r.extra["hotplug"] = [*r.extra.get("hotplug", []), entry]
+        r.hotplug = [*r.hotplug, entry]
 
     state.update(vm.dir, ch)
     argv = json.loads((vm.dir / "argv.json").read_text())
@@ -371,7 +371,7 @@ def _record_add(vm: VM, entry: dict[str, Any]) -> None:
 
 def _record_remove(vm: VM, entry: dict[str, Any]) -> None:
     def ch(r: state.Record) -> None:
-        r.extra["hotplug"] = [d for d in r.extra.get("hotplug", []) if d["id"] != entry["id"]]
+        r.hotplug = [d for d in r.hotplug if d["id"] != entry["id"]]
 
     state.update(vm.dir, ch)
     argv = json.loads((vm.dir / "argv.json").read_text())

@@ -264,7 +264,7 @@ def save(
         stop.stop_locked(vm, timeout=0.0, force=True, on_step=None)
 
         def mark(r: state.Record) -> None:
-            r.extra["saved"] = {"file": str(dest), "at": time.time()}
+            r.saved = {"file": str(dest), "at": time.time()}
 
         state.update(vm.dir, mark)
     return SaveReport(vm.name, str(dest), end, seconds, was_running)
@@ -356,7 +356,7 @@ def _header(
             "machine": str(machine).removesuffix("-machine"),
         },
         "profile": profile_json,
-        "hotplug": rec.extra.get("hotplug", []),
+        "hotplug": rec.hotplug,
         "argv": argv,
     }
 
@@ -528,8 +528,8 @@ def _settle_restored(vm: VM, hdr: dict[str, Any], sf: SaveFile) -> None:
 
     def ch(r: state.Record) -> None:
         r.start_paused = False
-        r.extra["hotplug"] = list(hdr.get("hotplug", []))
-        r.extra["restored_from"] = {"file": str(sf.path), "saved_at": hdr.get("saved_at")}
+        r.hotplug = list(hdr.get("hotplug", []))
+        r.restored_from = {"file": str(sf.path), "saved_at": hdr.get("saved_at")}
         if r.qemu is not None:
             r.state = state.RUNNING if running else state.PAUSED
             r.runstate = "running" if running else "paused"

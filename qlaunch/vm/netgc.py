@@ -88,7 +88,7 @@ def _vms_in(space: str) -> list[str]:
             live = state.inspect(root / name)
         except StateError:
             continue
-        if live.alive and live.record.extra.get("netns") == space:
+        if live.alive and live.record.netns == space:
             out.append(name)
     return out
 

@@ -96,7 +96,7 @@ def _hotplugged(mon: Monitor, vm: VM, seen: set[str]) -> list[_Node]:
     """Disks added with blockdev-add have no legacy drive, so query-block lists them only
     by their device's path; their node names are in the record."""
     out = []
-    for dev in state.read_record(vm.dir).extra.get("hotplug", []):
+    for dev in state.read_record(vm.dir).hotplug:
         if dev.get("kind") != "disk" or dev.get("readonly") or dev["node"] in seen:
             continue
         out.append(_Node(dev["id"], dev["node"], dev["path"], dev["format"]))

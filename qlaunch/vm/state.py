@@ -35,6 +35,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,7 +51,9 @@ from typing import Any
 from qlaunch import paths
 from qlaunch.errors import QlaunchError, StateError, UsageError
 
-FORMAT = 1
+_log = logging.getLogger(__name__)
+
+FORMAT = 2  # 2: typed fields where 1 had `extra`; 1 is still read
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RESERVED = ("exec-logs",)  # directories of the state root that are not VMs
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
@@ -197,7 +200,7 @@ def held_files(base: Path | None = None) -> dict[str, str]:
             live = inspect(d)
         except QlaunchError:
             continue
-        saved = live.record.extra.get("saved") if not live.alive else None
+        saved = live.record.saved if not live.alive else None
         if not live.alive and not isinstance(saved, dict):
             continue
         who = f"VM {name}" if live.alive else f"VM {name}, saved to {saved and saved.get('file')}"
@@ -206,7 +209,7 @@ def held_files(base: Path | None = None) -> dict[str, str]:
         except (OSError, ValueError):
             argv = []
         files = argv_files([str(a) for a in argv]) if isinstance(argv, list) else []
-        for dev in live.record.extra.get("hotplug") or []:
+        for dev in live.record.hotplug:
             if isinstance(dev, dict) and dev.get("path"):
                 files.append((str(dev["path"]), "disk"))
         for path, role in files:
@@ -294,8 +297,7 @@ class Record:
     it decides (stop_requested, and settling a VM whose supervisor is gone). Always through
     `update()` (locked read-modify-write) or `write_record()` before anyone else can see it.
 
-    Later features hang their own data on `extra` (a dict kept as it is) rather than adding
-    fields here in a hurry.
+    Versioned (`format`); records of an older format are read and written back in this one.
     """
 
     name: str
@@ -317,7 +319,13 @@ class Record:
     fds: list[int] = field(default_factory=list)  # passed through to QEMU at these numbers
     monitor_fd: int = 3  # where QEMU finds the supervisor's private monitor (argv: fd=N)
     cleanup: list[dict[str, Any]] = field(default_factory=list)  # see run_cleanup()
-    extra: dict[str, Any] = field(default_factory=dict)
+    cleanup_errors: list[str] = field(default_factory=list)
+    netns: str | None = None  # the network namespace QEMU and its supervisor run in
+    nics: list[dict[str, Any]] = field(default_factory=list)  # net.attach's record of each NIC
+    resources: dict[str, Any] | None = None  # vm.resources: cgroups, affinity it applied
+    hotplug: list[dict[str, Any]] = field(default_factory=list)  # devices plugged since start
+    saved: dict[str, Any] | None = None  # {"file", "at"}: ended by `qlaunch save`
+    restored_from: dict[str, Any] | None = None  # {"file", "saved_at"}
     format: int = FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -331,6 +339,10 @@ class Record:
                 d[key] = Proc(**d[key])
         d["health"] = Health(**d.get("health") or {})
         d["exits"] = [Exit(**e) for e in d.get("exits") or []]
+        # Format 1 kept what later features added in a free-form `extra` dict.
+        for key, value in (d.pop("extra", None) or {}).items():
+            d.setdefault(key, value)
+        d["format"] = FORMAT
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -384,6 +396,7 @@ def update(d: Path, change: Callable[[Record], None], timeout: float = 10.0) -> 
 def log(d: Path, message: str, who: str = "qlaunch") -> None:
     """One line in vm.log, the VM's lifecycle log (O_APPEND: lines from several writers do
     not tear)."""
+    _log.debug("%s: %s", d.name, message)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
     line = f"{stamp} {who}[{os.getpid()}]: {message}\n".encode(errors="replace")
     with contextlib.suppress(FileNotFoundError):
@@ -656,7 +669,7 @@ def settle(d: Path, log_who: str = "qlaunch") -> Live:
         r.runstate = None
         r.health = Health()
         if errors:
-            r.extra["cleanup_errors"] = errors
+            r.cleanup_errors = errors
 
     update(d, change)
     return inspect(d)
@@ -808,9 +821,9 @@ def locked(
         try:
             yield d
         finally:
-            # No VM (rm, a failed start, or a name that never was): no lock file either.
-            if not d.exists():
-                lock.unlink_locked()
+            # Lock files do not outlive their holder, so none piles up (for VMs removed, starts
+            # that failed, names that never were); waiters notice and take the next one.
+            lock.unlink_locked()
 
 
 def _same_file(path: Path, fd: int) -> bool:

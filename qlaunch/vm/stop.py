@@ -12,6 +12,7 @@ Signals go only to a process that `state.identify` confirms is this VM's QEMU.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from qlaunch.errors import QemuError, QlaunchError
 from qlaunch.vm import state
 from qlaunch.vm.state import Exit
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from qlaunch.vm.api import VM

@@ -171,7 +171,7 @@ class Supervisor:
                 (os.POSIX_SPAWN_DUP2, child.fileno(), self.rec.monitor_fd),
             ]
             # Its own process group: a signal aimed at ours (kill -- -PGID) must not end QEMU.
-            with _placed(self.rec.extra.get("resources")):
+            with _placed(self.rec.resources):
                 self.pid = os.posix_spawnp(
                     argv[0],
                     argv,
@@ -451,7 +451,7 @@ class Supervisor:
             r.runstate = None
             r.failed_reason = why if final == state.FAILED else None
             if errors:
-                r.extra["cleanup_errors"] = errors
+                r.cleanup_errors = errors
 
         self.change(ch)
         self.log(f"VM {final}: {why}")

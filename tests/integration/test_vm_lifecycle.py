@@ -118,11 +118,20 @@ def test_bad_input_makes_nothing(vmroot: Path) -> None:  # noqa: F811
         assert "is not a VM name" in r.stderr
     r = ql("start", "no-such-profile", "--name", "fine")
     assert r.returncode == 2
-    # QEMU itself refuses: its own words, exit code 4, and nothing left behind.
+    # QEMU itself refuses: its own words and exit code 4. Its log and argv stay where the
+    # error says, beside a `failed` record, with nothing running; `rm` takes them away.
     r = ql("start", "default", "--name", "fine", "--set", 'qemu.extra=["-nosuchoption"]')
     assert r.returncode == 4
     assert "VM fine: qemu-system-x86_64: -nosuchoption: invalid option" in r.stderr
-    assert [p.name for p in vmroot.iterdir() if not p.name.startswith(".")] == []
+    assert str(vmroot / "fine") in r.stderr
+    kept = {p.name for p in (vmroot / "fine").iterdir()}
+    assert {"argv.json", "qemu.log", "state.json"} <= kept, kept
+    assert not [k for k in kept if k.endswith(".sock")], kept
+    assert "-nosuchoption" in (vmroot / "fine" / "qemu.log").read_text()
+    assert [v["state"] for v in jq("list")] == ["failed"]
+    ok("rm", "fine")
+    # The root's vm.log keeps the line that says it was removed.
+    assert [p.name for p in vmroot.iterdir() if not p.name.startswith(".")] == ["vm.log"]
     assert jq("list") == []
 
 

@@ -42,7 +42,7 @@ def test_save_then_restore_continues_the_guest(vmroot: Path) -> None:  # noqa: F
     assert row("src")["state"] == "stopped"
     assert jq("status", "src")["exits"][-1]["reason"] == "host-qmp-quit"
     rec = json.loads((vmroot / "src" / "state.json").read_text())
-    assert rec["extra"]["saved"]["file"] == str(saved)
+    assert rec["saved"]["file"] == str(saved)
     last = ticks(vm)[-1]
     assert last >= 3
 

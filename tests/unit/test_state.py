@@ -34,7 +34,7 @@ def test_record_round_trip_and_atomic_write(tmp_path: Path) -> None:
     rec = state.Record(name="r", uuid="u", profile="default", restart_policy="always")
     rec.qemu = state.Proc(12, 34, 56.5)
     rec.exits.append(state.Exit(time=1.0, pid=12, signal=9))
-    rec.extra["nics"] = [{"mac": "52:54:00:00:00:01"}]
+    rec.nics = [{"mac": "52:54:00:00:00:01"}]
     state.write_record(tmp_path, rec)
     path = tmp_path / "state.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -142,7 +142,7 @@ def test_settle_records_an_unsupervised_end_and_runs_cleanup(tmp_path: Path) -> 
     assert after.record.exits[-1].reason == "unsupervised"
     assert marker.is_dir()
     assert not (d / "qmp.sock").exists()
-    assert "a broken hook" in after.record.extra["cleanup_errors"][0]
+    assert "a broken hook" in after.record.cleanup_errors[0]
     assert "cleanup: make a marker: done" in (d / "vm.log").read_text()
 
 
@@ -180,3 +180,25 @@ def test_restart_policy_backoff_and_crash_loop(tmp_path: Path) -> None:
     loop = [state.Exit(now - i, 1, signal=9) for i in range(4, 0, -1)] + [killed]
     verdict, _, why = _sup(tmp_path, "on-failure", loop).decide(killed)
     assert verdict == state.FAILED and "crash loop" in why
+
+
+def test_a_format_1_record_reads_into_typed_fields() -> None:
+    old = {
+        "name": "web",
+        "uuid": "0f2d7e4c-8a31-4d1b-9a5e-3c2b1a0f9e8d",
+        "profile": "default",
+        "format": 1,
+        "extra": {
+            "netns": "lab0",
+            "nics": [{"mac": "52:54:00:00:00:01"}],
+            "hotplug": [{"id": "hpdisk0", "kind": "disk"}],
+            "saved": {"file": "/x.qlsave", "at": 1.0},
+        },
+    }
+    rec = state.Record.from_json(old)
+    assert rec.netns == "lab0"
+    assert rec.nics == [{"mac": "52:54:00:00:00:01"}]
+    assert [d["id"] for d in rec.hotplug] == ["hpdisk0"]
+    assert rec.saved == {"file": "/x.qlsave", "at": 1.0}
+    assert rec.format == state.FORMAT == 2
+    assert "extra" not in rec.to_json()
