@@ -4,10 +4,14 @@ A profile's [resources] table (see qlaunch.config.settings) is checked and made 
 when `start` runs, before anything else starts; whatever this host cannot do is a HostError
 that says why, never a silent no-op:
 
-- cpu_limit and memory_limit: a cgroup per VM, `qlaunch/NAME` under the cgroup qlaunch itself
-  runs in (so a VM never escapes the limits its starter lives under), in whichever hierarchy
-  has the controller: cgroup v1 (`cpu.cfs_quota_us`, `memory.limit_in_bytes`) or v2
-  (`cpu.max`, `memory.max`; hosts with both, like this one, have cpu and memory on v1).
+- cpu_limit and memory_limit: a cgroup per VM, `qlaunch/NAME`, in whichever hierarchy has the
+  controller: cgroup v1 (`cpu.cfs_quota_us`, `memory.limit_in_bytes`) or v2 (`cpu.max`,
+  `memory.max`; hybrid hosts have cpu and memory on v1, a stock Debian 12 is pure v2). On v1
+  it goes under the cgroup qlaunch itself runs in, so a VM never escapes the limits its starter
+  lives under. On v2 that cannot be: a cgroup that holds processes (ours holds qlaunch) cannot
+  give controllers to children, the root excepted. There it goes beside ours, under our
+  parent, which gives our cgroup its controllers and so can give them to a sibling: the VM
+  stays within every limit above our own cgroup.
 - cpu_affinity: the CPUs QEMU's threads may run on.
 - mem_merge: `-machine mem-merge=on|off`; true needs KSM running (/sys/kernel/mm/ksm/run).
 - hugepages: guest RAM from a file on a mounted hugetlbfs, preallocated; enough free pages
@@ -61,8 +65,15 @@ class Hierarchy:
     mount: str
     own: str  # our cgroup's directory in it
 
+    @property
+    def base(self) -> str:
+        """Where the `qlaunch` cgroup goes: see the module's docstring for v2."""
+        if self.version == 2 and os.path.normpath(self.own) != os.path.normpath(self.mount):
+            return os.path.dirname(os.path.normpath(self.own))
+        return self.own
+
     def vm_dir(self, name: str) -> str:
-        return os.path.join(self.own, CGROUP_PARENT, name)
+        return os.path.join(self.base, CGROUP_PARENT, name)
 
 
 def parse_mountinfo(text: str) -> list[Mount]:
@@ -335,7 +346,7 @@ def _make_cgroups(
     dirs: dict[str, str] = {}
     v2 = [h for h in hier.values() if h.version == 2]
     if v2:
-        _enable_v2(v2[0], [h.controller for h in v2], root)
+        _enable_v2(v2[0], [h.controller for h in v2], root, created)
     for ctl, h in hier.items():
         d = str(root / h.vm_dir(name).lstrip("/"))
         if d in dirs.values():  # one cgroup for several controllers (v2; v1 co-mounted)
@@ -364,12 +375,17 @@ def _make_cgroups(
     return out
 
 
-def _enable_v2(h: Hierarchy, ctls: list[str], root: Path) -> None:
+def _enable_v2(h: Hierarchy, ctls: list[str], root: Path, created: list[str]) -> None:
     """cgroup v2 hands a controller to children only through each parent's subtree_control,
-    and only from a cgroup without processes of its own (the root excepted)."""
-    for d in (h.own, os.path.join(h.own, CGROUP_PARENT)):
+    and only from a cgroup without processes of its own (the root excepted). h.base already
+    gives ours every controller find_hierarchy saw in our cgroup.controllers."""
+    for d in (h.base, os.path.join(h.base, CGROUP_PARENT)):
         path = root / d.lstrip("/")
-        path.mkdir(exist_ok=True)
+        try:
+            path.mkdir(0o755)
+            created.append(str(path))
+        except FileExistsError:
+            pass
         cur = (_read(root, os.path.join(d, "cgroup.subtree_control")) or "").split()
         missing = [c for c in ctls if c not in cur]
         if not missing:
@@ -382,7 +398,7 @@ def _enable_v2(h: Hierarchy, ctls: list[str], root: Path) -> None:
                 why = "it holds processes, and cgroup v2 gives controllers only to leaves"
             raise HostError(
                 f"cannot enable the cgroup {' and '.join(missing)} controller below {d}: {why}",
-                hint="run qlaunch from a cgroup of its own (e.g. systemd-run --scope)",
+                hint=f"move the processes in {d} to a cgroup of their own",
             ) from None
 
 

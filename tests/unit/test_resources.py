@@ -101,17 +101,44 @@ def test_prepare_v1_makes_cgroups_and_release_removes_them(tmp_path: Path) -> No
     resources.release(*out.hook["args"])  # idempotent
 
 
-def test_prepare_v2_enables_controllers_down_the_tree(tmp_path: Path) -> None:
+def test_prepare_v2_puts_the_vm_beside_our_cgroup(tmp_path: Path) -> None:
+    """cgroup v2: our own cgroup holds qlaunch, so it can give no controller to children
+    (EBUSY); its parent gives it its controllers, so the VM's cgroup goes there."""
     root = fake_host(tmp_path, V2_MOUNTINFO, V2_CGROUP)
-    own = root / "sys/fs/cgroup/user.slice/qlaunch-runner"
+    parent = root / "sys/fs/cgroup/user.slice"
+    own = parent / "qlaunch-runner"
     own.mkdir(parents=True)
+    (parent / "cgroup.subtree_control").write_text("cpu memory pids\n")
     (own / "cgroup.controllers").write_text("cpu memory pids\n")
     out = resources.prepare("db", prof("resources.cpu_limit=50", "resources.memory_limit=1G"), root)
     assert out is not None
-    assert (own / "cgroup.subtree_control").read_text() == "+cpu +memory"
-    assert (own / "qlaunch/cgroup.subtree_control").read_text() == "+cpu +memory"
-    assert (own / "qlaunch/db/cpu.max").read_text() == "50000 100000"
-    assert (own / "qlaunch/db/memory.max").read_text() == str(1 << 30)
+    assert not (own / "cgroup.subtree_control").exists() and not (own / "qlaunch").exists()
+    assert (parent / "cgroup.subtree_control").read_text() == "cpu memory pids\n"  # untouched
+    assert (parent / "qlaunch/cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert (parent / "qlaunch/db/cpu.max").read_text() == "50000 100000"
+    assert (parent / "qlaunch/db/memory.max").read_text() == str(1 << 30)
+    # One cgroup for both controllers; the supervisor comes home to our own after the spawn.
+    assert out.record["cgroups"] == [
+        {"controller": "cpu", "dir": str(parent / "qlaunch/db"), "home": str(own)}
+    ]
+    # The release hook takes the VM's cgroup and the qlaunch parent it made.
+    for d in (parent / "qlaunch/db", parent / "qlaunch"):
+        for f in d.iterdir():
+            if f.is_file():
+                f.unlink()
+    resources.release(*out.hook["args"])
+    assert not (parent / "qlaunch").exists()
+
+
+def test_prepare_v2_in_the_root_cgroup(tmp_path: Path) -> None:
+    """The root cgroup may hold processes and still give controllers: the VM goes below it."""
+    root = fake_host(tmp_path, V2_MOUNTINFO, "0::/\n")
+    top = root / "sys/fs/cgroup"
+    (top / "cgroup.controllers").write_text("cpu memory\n")
+    out = resources.prepare("db", prof("resources.memory_limit=1G"), root)
+    assert out is not None
+    assert (top / "cgroup.subtree_control").read_text() == "+memory"
+    assert (top / "qlaunch/db/memory.max").read_text() == str(1 << 30)
 
 
 def test_no_controller_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
