@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from qlaunch import __version__
+from qlaunch.cli import output
 from qlaunch.cli.commands import assets, boards, control, core, image, net, vm
 from qlaunch.cli.commands import exec as exec_
 from qlaunch.errors import QlaunchError
@@ -55,8 +56,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with qlaunch's one-line errors: no usage block, a hint to --help instead."""
 
     def error(self, message: str, hint: str | None = None) -> NoReturn:
-        hint = hint or f"{self.prog} --help"
-        print(f"qlaunch: error: {message} (hint: {hint})", file=sys.stderr)
+        output.error(message, hint or f"{self.prog} --help")
         sys.exit(2)
 
 
@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     if not getattr(args, "func", None):
         parser.print_help()
+        output.error("no command given", "the commands are listed above")
         return 2
     handlers = _catch_termination()
     try:
@@ -127,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QlaunchError as e:
         if args.debug:
             traceback.print_exc()
-        hint = f" (hint: {e.hint})" if e.hint else ""
-        print(f"qlaunch: error: {e.message}{hint}", file=sys.stderr)
+        output.error(e.message, e.hint)
         return e.exit_code
     except _Terminated as e:
         print(f"qlaunch: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
