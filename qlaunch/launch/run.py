@@ -24,9 +24,8 @@ from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
 from qlaunch.errors import QemuError, QlaunchError
 from qlaunch.launch import argv as argvmod
-from qlaunch.launch import disks, plan, resolve
+from qlaunch.launch import plan, resolve
 from qlaunch.launch.host import HostFacts
-from qlaunch.net import attach, netns
 from qlaunch.spawn import spawn, stop_child
 
 log = logging.getLogger(__name__)
@@ -111,6 +110,8 @@ def run(
     out = out or sys.stdout.buffer
     # Refused before anything is made: an accelerator that cannot be had is the first news.
     _, accel_note = argvmod.choose_accel(profile, host)
+    from qlaunch.net import attach, netns  # pyroute2 and friends: only when a run happens
+
     with (
         tempfile.TemporaryDirectory(prefix="qlaunch-run-") as tmp,
         # Taps for [[net]] mode = network/bridge ($QLAUNCH_NETNS: all of it in that namespace).
@@ -142,11 +143,19 @@ def plan_run(
         kernel=files.kernel,
         initrd=files.initrd,
         dtb=files.dtb,
-        disk_paths=disks.prepare_disks(profile, workdir, make=make),
+        disk_paths=_disk_paths(profile, workdir, make),
         taps=taps,
         nic_append=nic_append,
     )
     return plan.build(profile, host, "run", rt)
+
+
+def _disk_paths(profile: Profile, workdir: Path, make: bool) -> tuple[str, ...]:
+    if not profile.disks:
+        return ()
+    from qlaunch.launch import disks  # image and seed handling: only for profiles with disks
+
+    return disks.prepare_disks(profile, workdir, make=make)
 
 
 def _drive(

@@ -107,6 +107,9 @@ def _plan_for(args: argparse.Namespace, cmd: list[str] | None) -> Any:
         return api.plan_start(prof, facts, args.name, cmd, entry=args.entry)
     from qlaunch.launch import plan as planmod
 
+    if not cmd and not prof.cloud_init:
+        # Nothing would be written to the run's directory: no need to make one to show it.
+        return run.plan_run(prof, facts, cmd, Path(planmod.TMP), make=False)
     with tempfile.TemporaryDirectory(prefix="qlaunch-cmdline-") as tmp:
         launch = run.plan_run(prof, facts, cmd, Path(tmp), make=False)
     return planmod.relocate(launch, tmp, planmod.TMP)
