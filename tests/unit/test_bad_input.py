@@ -342,3 +342,37 @@ def test_double_dash_ends_options_for_commands_without_a_guest_command(
 def test_names_that_cannot_be_typed_back_are_refused(run_cli, state_root: Path, no_boot) -> None:
     fails(run_cli("start", "default", "--name=-x"), 2, "'-x' is not a VM name")
     fails(run_cli("start", "default", "--name=exec-logs"), 2, "not a VM name")
+
+
+def test_what_a_saved_vm_holds_is_never_written(
+    run_cli, tmp_path: Path, state_root: Path, own_cache: Path
+) -> None:
+    import json
+    import subprocess
+
+    disk = tmp_path / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "1M"], check=True)
+    saved = tmp_path / "vm.qlsave"
+    saved.write_bytes(b"QLSAVE\x00\x01")
+    d = state_root / "web"
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(
+        json.dumps(
+            {
+                "name": "web",
+                "uuid": "u",
+                "profile": "default",
+                "state": "stopped",
+                "saved": {"file": str(saved), "at": 0},
+            }
+        )
+    )
+    (d / "argv.json").write_text(json.dumps(["qemu", "-drive", f"file.filename={disk},if=none"]))
+    before = disk.read_bytes(), saved.read_bytes()
+    ud = user_data(tmp_path)
+    fails(run_cli("image", "resize", str(disk), "2M"), 5, "the disk of VM web")
+    fails(run_cli("seed", str(disk), "--user-data", ud, "--force"), 5, "the disk of VM web")
+    fails(run_cli("seed", str(saved), "--user-data", ud, "--force"), 5, "save file of VM web")
+    fails(run_cli("image", "create", str(d / "new.img"), "1M"), 5, "qlaunch's own state")
+    assert (disk.read_bytes(), saved.read_bytes()) == before
+    assert sorted(p.name for p in d.iterdir()) == ["argv.json", "state.json"]

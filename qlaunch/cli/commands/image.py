@@ -106,6 +106,17 @@ def register(sub: Any) -> None:
     sd.set_defaults(func=cmd_seed)
 
 
+def _not_held(path: str, what: str) -> None:
+    """A file a VM holds (a running VM's disk, a saved VM's disk or save file, anything in
+    qlaunch's state) is never written, nor created inside its state."""
+    from qlaunch.errors import StateError
+    from qlaunch.vm import state
+
+    who = state.holder_of(path)
+    if who is not None:
+        raise StateError(f"{path} is {who}; {what} never writes there")
+
+
 def _no_guest_cmd(args: argparse.Namespace) -> None:
     if args.guest_cmd is not None:
         raise UsageError(f"`qlaunch {args.command}` takes no command after --")
@@ -115,6 +126,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from qlaunch.storage import image
 
     _no_guest_cmd(args)
+    _not_held(args.path, "image create")
     size = units.parse_size(args.size) if args.size is not None else None
     if size == 0:
         raise UsageError(f"image size {args.size!r} is zero", hint="e.g. 1G or 512M")
@@ -134,6 +146,7 @@ def cmd_overlay(args: argparse.Namespace) -> int:
     from qlaunch.storage import image
 
     _no_guest_cmd(args)
+    _not_held(args.new, "image overlay")
     made = image.overlay(args.base, args.new)
     print(
         f"created {made.path}: qcow2 overlay on {made.backing_file} ({made.backing_format}), "
@@ -222,6 +235,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from qlaunch.storage import image
 
     _no_guest_cmd(args)
+    _not_held(args.dst, "image convert")
     progress = None
     if not args.quiet:
         progress = Progress(sys.stderr, f"converting to {args.format}", tty=sys.stderr.isatty())
@@ -240,6 +254,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     from qlaunch.storage import image
 
     _no_guest_cmd(args)
+    _not_held(args.path, "image resize")
     text = args.size.strip()
     before = image.info(args.path).virtual_size
     # "+2G" grows by that much; a bare size is the new size.
@@ -254,6 +269,7 @@ def cmd_sd_round(args: argparse.Namespace) -> int:
     from qlaunch.storage import image
 
     _no_guest_cmd(args)
+    _not_held(args.path, "image sd-round")
     before = image.info(args.path).virtual_size
     if units.is_power_of_two(before):
         print(f"{args.path}: {_size(before)} is already a power of two; unchanged")
