@@ -67,6 +67,7 @@ class Runtime:
     shares: tuple[Share, ...] = ()  # exec: 9p shares
     hotplug: tuple[str, ...] = ()  # restore: the arguments of devices hotplugged before a save
     incoming: str | None = None  # restore: -incoming (defer: QMP migrate-incoming later)
+    agent: str | None = None  # unix socket path for the guest agent's virtio port
 
 
 # PCIe devices cannot be hotplugged onto the root bus: q35 gets this many empty root ports.
@@ -182,6 +183,7 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
         argv += ["-runas", rt.runas]
     argv += _shares(board, rt.shares)
     argv += _ports(board, rt.ports)
+    argv += _agent(board, rt.agent)
     if rt.monitor:
         fd = rt.monitor_fd if rt.monitor_fd is not None else "<fd: supervisor monitor>"
         argv += [
@@ -206,6 +208,24 @@ def _shares(board: Board, shares: tuple[Share, ...]) -> list[str]:
         dev = _virtio(board.virtio or "pci", "virtio-9p")
         argv += ["-fsdev", fsdev, "-device", f"{dev},fsdev=qlfs{i},mount_tag={esc(s.tag)}"]
     return argv
+
+
+AGENT_PORT = "org.qemu.guest_agent.0"
+
+
+def _agent(board: Board, path: str | None) -> list[str]:
+    """The QEMU guest agent's channel: a virtio port the agent in the guest opens, a unix
+    socket qlaunch talks to. Boards without virtio have none (their agent cannot reach us)."""
+    if not path or not board.virtio:
+        return []
+    return [
+        "-chardev",
+        f"socket,id=qlagent,path={esc(path)},server=on,wait=off",
+        "-device",
+        _virtio(board.virtio, "virtio-serial") + ",id=qlagentser",
+        "-device",
+        f"virtserialport,bus=qlagentser.0,nr=1,chardev=qlagent,name={AGENT_PORT}",
+    ]
 
 
 def _ports(board: Board, ports: tuple[Port, ...]) -> list[str]:

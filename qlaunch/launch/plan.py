@@ -96,6 +96,7 @@ def wire(
             console=f"{d}/console.sock",
             console_log=f"{d}/console.log",
             qmp=f"{d}/qmp.sock",
+            agent=f"{d}/qga.sock",
             uuid=uuid or "<uuid>",
             # Paused until the supervisor has QMP, so no guest output or event is missed.
             paused=True,
@@ -131,6 +132,8 @@ def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchP
         sockets.append(Made(rt.qmp, "QMP"))
     if rt.console != "stdio":
         sockets.append(Made(rt.console, "serial console"))
+    if rt.agent and profile.board.virtio:
+        sockets.append(Made(rt.agent, "guest agent"))
     files: list[Made] = []
     if rt.console_log:
         files.append(Made(rt.console_log, "console log"))

@@ -41,7 +41,7 @@ def test_start_plan_names_its_sockets_and_monitor() -> None:
     (case,) = [c for c in CASES if c.name == "default.start"]
     p = render(case)[1]
     assert "-S" in p.argv and "-uuid" in p.argv
-    assert [s.what for s in p.sockets] == ["QMP", "serial console"]
+    assert [s.what for s in p.sockets] == ["QMP", "serial console", "guest agent"]
     assert [f.what for f in p.fds] == ["supervisor monitor (QMP)"]
 
 
