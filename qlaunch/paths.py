@@ -40,3 +40,21 @@ def state_dir() -> Path:
 def profile_dirs() -> list[Path]:
     """Profile search order: the shipped profiles (package data), then the user's config."""
     return [SHIPPED_PROFILES, config_dir() / "profiles"]
+
+
+def data_dir() -> Path:
+    """What must outlive a reboot: VM definitions for autostart, UEFI variable stores, TPM
+    state. /var/lib/qlaunch as root, $XDG_STATE_HOME/qlaunch otherwise ($QLAUNCH_DATA
+    overrides). Runtime state (pids, sockets, locks) stays in state_dir(), which is /run."""
+    env = os.environ.get("QLAUNCH_DATA")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/qlaunch")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "qlaunch"
+
+
+def vm_data_dir(name: str) -> Path:
+    """One VM's persistent data (its name is validated by the caller)."""
+    return data_dir() / "vms" / name

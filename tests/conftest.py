@@ -34,6 +34,8 @@ def qlaunch_bin() -> list[str]:
 def _isolated_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     # A user's own ~/.config profiles must not change what tests see; the asset cache is shared.
     monkeypatch.setenv("QLAUNCH_CONFIG", str(tmp_path_factory.mktemp("config")))
+    # Persistent VM data (UEFI variables, TPM state, autostart definitions) likewise.
+    monkeypatch.setenv("QLAUNCH_DATA", str(tmp_path_factory.mktemp("data")))
     os.environ.setdefault("QLAUNCH_TEST", "1")
 
 
