@@ -18,6 +18,7 @@ knows the VMs); this module only knows files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -57,7 +58,7 @@ def require_file(path: str | os.PathLike[str], what: str) -> Path:
     there instead (a directory given as a file is not "missing", and a FIFO would hang)."""
     k = kind(path)
     if k == "missing":
-        raise UsageError(f"{what} {path}: no such file")
+        raise UsageError(f"{what} {path}: {os.strerror(errno.ENOENT)}")
     if k is not None:
         raise UsageError(f"{what} {path} is {k}, not a file")
     if not os.access(path, os.R_OK):
