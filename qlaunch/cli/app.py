@@ -18,11 +18,21 @@ from typing import Any, NoReturn
 
 from qlaunch import __version__
 from qlaunch.cli import output
-from qlaunch.cli.commands import assets, boards, control, core, image, net, vm
+from qlaunch.cli.commands import (
+    assets,
+    autostart,
+    boards,
+    control,
+    core,
+    image,
+    net,
+    screenshot,
+    vm,
+)
 from qlaunch.cli.commands import exec as exec_
 from qlaunch.errors import QlaunchError
 
-COMMAND_MODULES = [core, assets, net, image, boards, vm, control, exec_]
+COMMAND_MODULES = [core, assets, net, image, boards, vm, control, screenshot, autostart, exec_]
 
 EXAMPLES = """\
 examples:

@@ -54,6 +54,8 @@ MIGRATE_TIMEOUT = 600.0
 INCOMING = ("-incoming", "defer")
 FD_NAME = "qlaunch-migrate"
 Note = Callable[[str], None]
+# How far a save or restore is: (bytes done, bytes in all), polled while QEMU works.
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -208,9 +210,11 @@ def save(
     note: Note | None = None,
     lock_timeout: float = 30.0,
     base: Path | None = None,
+    progress: Progress | None = None,
 ) -> SaveReport:
     """Migrate the running (or paused) VM's state into `file`; then the VM ends (QMP quit)
-    and its record says where it was saved. force: replace an existing file."""
+    and its record says where it was saved. force: replace an existing file. progress: called
+    while QEMU streams, with the guest RAM done so far and the guest's RAM size."""
     from qlaunch.vm import stop
     from qlaunch.vm.api import VM
 
@@ -237,7 +241,7 @@ def save(
                 was_running, header = _header(vm, mon, rec, profile_json, argv)
                 _write(fd, _header_bytes(header), tmp)
                 offset = os.lseek(fd, 0, os.SEEK_CUR)
-                info = _migrate_out(mon, fd, was_running)
+                info = _migrate_out(mon, fd, was_running, progress)
                 try:
                     end = _finish(fd, tmp, offset, info, disks)
                     os.close(fd)
@@ -361,7 +365,9 @@ def _header(
     }
 
 
-def _migrate_out(mon: Monitor, fd: int, was_running: bool) -> dict[str, Any]:
+def _migrate_out(
+    mon: Monitor, fd: int, was_running: bool, progress: Progress | None = None
+) -> dict[str, Any]:
     """Pause, stream the state into fd, return query-migrate's final answer. On failure the
     migration is cancelled and a guest that was running runs again."""
     from qlaunch.vm.qmp import QMPError
@@ -373,7 +379,7 @@ def _migrate_out(mon: Monitor, fd: int, was_running: bool) -> dict[str, Any]:
         mon.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
         mon.getfd(fd, FD_NAME)
         mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-        info = _wait_migration(mon, "save")
+        info = _wait_migration(mon, "save", _ram_progress(progress) if progress else None)
     except BaseException:
         with contextlib.suppress(QlaunchError):
             mon.execute("migrate_cancel")
@@ -384,12 +390,29 @@ def _migrate_out(mon: Monitor, fd: int, was_running: bool) -> dict[str, Any]:
     return info
 
 
-def _wait_migration(mon: Monitor, what: str) -> dict[str, Any]:
+def _ram_progress(progress: Progress) -> Callable[[dict[str, Any]], None]:
+    """query-migrate's RAM counters as progress: RAM done is the guest's RAM less what is
+    left to send (`transferred` counts bytes on the wire: zero pages cost almost none)."""
+
+    def poll(info: dict[str, Any]) -> None:
+        ram = info.get("ram") or {}
+        total, remaining = ram.get("total"), ram.get("remaining")
+        if isinstance(total, int) and isinstance(remaining, int) and total > 0:
+            progress(max(total - remaining, 0), total)
+
+    return poll
+
+
+def _wait_migration(
+    mon: Monitor, what: str, on_poll: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     deadline = time.monotonic() + MIGRATE_TIMEOUT
     delay = 0.01
     while True:
         info: dict[str, Any] = mon.execute("query-migrate")
         st = info.get("status")
+        if on_poll is not None:
+            on_poll(info)
         if st == "completed":
             return info
         if st in ("failed", "cancelled"):
@@ -411,10 +434,12 @@ def restore(
     note: Note | None = None,
     lock_timeout: float = 30.0,
     base: Path | None = None,
+    progress: Progress | None = None,
 ) -> VM:
     """Start a VM from a save file: the same profile, command and hotplugged devices, with
     QEMU waiting for an incoming migration; feed it the file; resume the guest if it was
-    running when saved. Returns the VM (name: the saved VM's unless given)."""
+    running when saved. Returns the VM (name: the saved VM's unless given). progress: called
+    while QEMU loads, with the bytes of the saved stream read so far and the stream's size."""
     from qlaunch.config import profile as profmod
     from qlaunch.vm.api import start_for_restore
 
@@ -454,10 +479,11 @@ def restore(
                 try:
                     os.lseek(fd, sf.stream_offset, os.SEEK_SET)
                     mon.getfd(fd, FD_NAME)
+                    mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+                    # QEMU's copy shares this descriptor's file offset: how far it has read.
+                    _wait_migration(mon, "restore", _read_progress(fd, sf, progress))
                 finally:
                     os.close(fd)
-                mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
-                _wait_migration(mon, "restore")
                 if hdr.get("running"):
                     mon.execute("cont")
             _settle_restored(vm, hdr, sf)
@@ -468,6 +494,22 @@ def restore(
     if note:
         note(f"{vm.name}: restored from {sf.path} in {time.monotonic() - t0:.2f} s")
     return vm
+
+
+def _read_progress(
+    fd: int, sf: SaveFile, progress: Progress | None
+) -> Callable[[dict[str, Any]], None] | None:
+    """The incoming side's query-migrate counts no RAM in 7.2: the offset QEMU has read up to
+    in the save file says how far it is."""
+    if progress is None:
+        return None
+
+    def poll(_info: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            done = os.lseek(fd, 0, os.SEEK_CUR) - sf.stream_offset
+            progress(min(max(done, 0), sf.stream_bytes), sf.stream_bytes)
+
+    return poll
 
 
 def _check_disks(sf: SaveFile) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from qlaunch.cli import output
@@ -36,9 +35,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             f"unknown asset set {unknown[0] if unknown else args.arch!r}",
             hint="choose from " + ", ".join(assets.ASSET_SETS),
         )
-    assets.fetch(
-        names, progress=lambda line: print(f"qlaunch: {line}", file=sys.stderr), force=args.force
-    )
+    # On a terminal each step is a line with its time, the current one counting; elsewhere
+    # each step is logged once as it begins.
+    with output.Progress("fetching guest assets") as p:
+        assets.fetch(names, progress=p.step if p.enabled else output.note, force=args.force)
     return 0
 
 

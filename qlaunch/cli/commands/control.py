@@ -107,7 +107,14 @@ def cmd_save(args: argparse.Namespace) -> int:
     from qlaunch.vm import migrate
 
     _no_cmd(args)
-    report = migrate.save(args.name, args.file, force=args.force, note=output.note)
+    with output.Progress(f"{args.name}: saving", enabled=not args.json) as p:
+        report = migrate.save(
+            args.name,
+            args.file,
+            force=args.force,
+            note=p.note,
+            progress=p.update if p.enabled else None,
+        )
     if args.json:
         output.emit_json(report.to_json())
     return 0
@@ -117,7 +124,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from qlaunch.vm import migrate
 
     _no_cmd(args)
-    vm = migrate.restore(args.file, args.name, note=output.note)
+    with output.Progress(f"restoring {args.file}") as p:
+        vm = migrate.restore(
+            args.file, args.name, note=p.note, progress=p.update if p.enabled else None
+        )
     print(vm.name)
     return 0
 
@@ -147,8 +157,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return 0
     if not args.tag:
         raise UsageError(f"snapshot {args.action} needs a TAG")
-    fn = {"create": snapshot.create, "revert": snapshot.revert, "delete": snapshot.delete}
-    snap = fn[args.action](args.name, args.tag)
+    say = lambda m: output.note(f"{args.name}: {m}")  # noqa: E731
+    if args.action == "create":
+        snap = snapshot.create(args.name, args.tag, note=say)
+    elif args.action == "revert":
+        snap = snapshot.revert(args.name, args.tag, note=say)
+    else:
+        snap = snapshot.delete(args.name, args.tag)
     if args.json:
         output.emit_json(snap.to_json())
     else:
