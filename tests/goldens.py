@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlaunch.boot import protocol
+from qlaunch.boot import firmware, protocol
 from qlaunch.config import profile
 from qlaunch.config.profile import Profile
 from qlaunch.launch import plan, resolve
@@ -21,10 +21,19 @@ GOLDEN = HERE / "unit" / "golden"
 CASES = HERE / "unit" / "cases"
 PROFILES = HERE.parent / "profiles"
 
-NO_KVM = HostFacts(arch="x86_64", kvm=Verdict(False, "/dev/kvm is provided by kvm_pvm"))
-HW_KVM = HostFacts(arch="x86_64", kvm=Verdict(True, "/dev/kvm works (kvm_intel)"))
-ARM_KVM = HostFacts(arch="aarch64", kvm=Verdict(True, "/dev/kvm works (kvm)"))
-TSC = HostFacts(arch="x86_64", kvm=NO_KVM.kvm, tsc_khz=2596100)
+# Debian 12's descriptors (ovmf, qemu-efi-aarch64, qemu-efi-arm) as the packages ship them:
+# every file they name is there but the aarch64 Secure Boot build.
+FIRMWARE = tuple(
+    firmware.load_descriptors(
+        [str(HERE / "unit" / "data" / "firmware-debian")],
+        exists=lambda p: not p.endswith("AAVMF_CODE.secboot.fd"),
+    )
+)
+FW = {"firmware": FIRMWARE, "swtpm": "/usr/bin/swtpm"}
+NO_KVM = HostFacts(arch="x86_64", kvm=Verdict(False, "/dev/kvm is provided by kvm_pvm"), **FW)
+HW_KVM = HostFacts(arch="x86_64", kvm=Verdict(True, "/dev/kvm works (kvm_intel)"), **FW)
+ARM_KVM = HostFacts(arch="aarch64", kvm=Verdict(True, "/dev/kvm works (kvm)"), **FW)
+TSC = HostFacts(arch="x86_64", kvm=NO_KVM.kvm, tsc_khz=2596100, **FW)
 HOSTS = {"": NO_KVM, "kvm": HW_KVM, "armkvm": ARM_KVM, "tsc": TSC}
 
 # Beyond `run`, which every case has: the entries each case is also rendered for.
@@ -42,6 +51,10 @@ MORE_ENTRIES = {
     "disks-cloud-init": ("start",),
     "resources": ("start",),
     "kvm-default@kvm": ("start",),
+    "uefi-disk": ("start",),
+    "uefi-secure-tpm": ("start",),
+    "aarch64-uefi": ("start",),
+    "bios-install": ("start",),
 }
 
 
@@ -81,6 +94,7 @@ def render(
     fds: dict[str, int] | None = None,
     share_dir: str = "/home/dev/linux",
     sets: list[str] | None = None,
+    data: str | None = None,
 ) -> tuple[Profile, LaunchPlan]:
     """The case's plan. The defaults give the golden files; the QEMU test passes real files."""
     prof = profile.load(str(case.path), sets or [])
@@ -103,6 +117,8 @@ def render(
         initrd=initrd if files.initrd == "qlaunch" or entry == "exec" else files.initrd,
         dtb=files.dtb,
         statedir=statedir,
+        data=data,
+        workdir=data,
         uuid="0f2d7e4c-8a31-4d1b-9a5e-3c2b1a0f9e8d" if statedir else None,
         disk_paths=disk_paths,
         monitor_fd=fds.get("monitor"),

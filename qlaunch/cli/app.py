@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from qlaunch import __version__
 from qlaunch.cli import output
 from qlaunch.cli.commands import (
+    agent,
     assets,
     autostart,
     boards,
@@ -27,12 +28,26 @@ from qlaunch.cli.commands import (
     image,
     net,
     screenshot,
+    ssh,
     vm,
 )
 from qlaunch.cli.commands import exec as exec_
 from qlaunch.errors import QlaunchError
 
-COMMAND_MODULES = [core, assets, net, image, boards, vm, control, screenshot, autostart, exec_]
+COMMAND_MODULES = [
+    core,
+    assets,
+    net,
+    image,
+    boards,
+    vm,
+    control,
+    agent,
+    ssh,
+    screenshot,
+    autostart,
+    exec_,
+]
 
 EXAMPLES = """\
 examples:
@@ -50,6 +65,7 @@ GUEST_CMD_PROGS = {
     "qlaunch run": "qlaunch run PROFILE",
     "qlaunch start": "qlaunch start PROFILE",
     "qlaunch exec": "qlaunch exec",
+    "qlaunch ssh": "qlaunch ssh NAME",
 }
 
 

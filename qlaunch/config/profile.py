@@ -29,6 +29,7 @@ class Machine:
     smp: int
     memory_mib: int
     accel: str
+    tpm: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Boot:
     dtb: str | None
     modules: tuple[str, ...]
     quiet: bool
+    firmware: str = "auto"  # auto, bios, uefi, uefi-secure
+    order: tuple[str, ...] = ()  # boot devices in the firmware's order
 
 
 @dataclass(frozen=True)
@@ -479,7 +482,7 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
     return Profile(
         name=name,
         source=source,
-        machine=Machine(arch, machine, m["cpu"], smp, mem, m["accel"]),
+        machine=Machine(arch, machine, m["cpu"], smp, mem, m["accel"], m["tpm"]),
         boot=Boot(
             b["kernel"],
             b["initrd"],
@@ -487,6 +490,8 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
             b["dtb"] or _board_dtb(board, b),
             tuple(b["modules"]),
             b["quiet"],
+            _firmware(source, b, arch),
+            tuple(b["order"]),
         ),
         disks=tuple(disks),
         nets=tuple(nets),
@@ -532,6 +537,23 @@ def _check_disk(source: str, n: int, d: Disk) -> None:
                 f"{format_size(d.size)}",
                 hint=f'size = "{format_size(round_up_pow2(d.size))}"',
             )
+
+
+def _firmware(source: str, b: dict[str, Any], arch: str) -> str:
+    """[boot] firmware, checked against the arch (what there is to boot: at launch)."""
+    fw = str(b["firmware"])
+    if fw == "bios" and arch != "x86_64":
+        raise ProfileError(
+            f"{source}: [boot] firmware: there is no BIOS for {arch} guests",
+            hint='use firmware = "uefi" (or "auto"), or boot a kernel directly',
+        )
+    if b["order"] and fw == "auto" and b["kernel"]:
+        raise ProfileError(
+            f"{source}: [boot] order: a kernel given in [boot] boots directly, with no "
+            "firmware to follow a boot order",
+            hint='drop the kernel to boot from the disks, or set firmware = "uefi" or "bios"',
+        )
+    return fw
 
 
 def _cloud_init(source: str, data: dict[str, Any]) -> CloudInit | None:

@@ -63,6 +63,18 @@ def _disk_size(value: Any) -> int:
     return n
 
 
+BOOT_DEVICES = ("disk", "cdrom", "net")
+
+
+def _boot_order(value: Any) -> tuple[str, ...]:
+    for item in value:
+        if item not in BOOT_DEVICES:
+            raise ValueError(f"{item!r} is not a boot device ({', '.join(BOOT_DEVICES)})")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{value!r} names a boot device twice")
+    return tuple(value)
+
+
 def _mac(value: Any) -> str:
     if not re.fullmatch(r"(?i)[0-9a-f]{2}(:[0-9a-f]{2}){5}", value):
         raise ValueError(f"{value!r} is not a MAC address (like 52:54:00:12:34:56)")
@@ -118,6 +130,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("machine", "smp", int, 1, "number of virtual CPUs", convert=_positive),
     Setting(
         "machine",
+        "tpm",
+        bool,
+        False,
+        "a TPM 2.0 (swtpm), its state kept with the VM across stops (with uefi-secure: what"
+        " Windows 11 and measured-boot Linux images need)",
+    ),
+    Setting(
+        "machine",
         "memory",
         str,
         None,
@@ -152,6 +172,24 @@ SETTINGS: tuple[Setting, ...] = (
         "boot", "modules", list, [], "extra kernel modules for the qlaunch initramfs", item_type=str
     ),
     Setting("boot", "quiet", bool, True, "pass `quiet` to the kernel"),
+    Setting(
+        "boot",
+        "firmware",
+        str,
+        "auto",
+        "auto: a kernel boots directly, a disk boots with BIOS on x86_64 and UEFI elsewhere;"
+        " uefi-secure: Secure Boot with Microsoft's keys enrolled (q35 gets SMM)",
+        ("auto", "bios", "uefi", "uefi-secure"),
+    ),
+    Setting(
+        "boot",
+        "order",
+        list,
+        [],
+        'firmware boot order, like ["cdrom", "disk"] (disk, cdrom, net); default: QEMU\'s',
+        convert=_boot_order,
+        item_type=str,
+    ),
     Setting("console", "tty", str, None, "the guest's console device; default per board"),
     Setting(
         "display", "type", str, "none", "none: serial only; vnc: a VNC server", ("none", "vnc")

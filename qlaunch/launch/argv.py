@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlaunch.boot import firmware
 from qlaunch.config.boards import QEMU_BINARY, Board
 from qlaunch.config.profile import Disk, Net, Profile
-from qlaunch.errors import HostError
+from qlaunch.errors import HostError, UsageError
 from qlaunch.launch.host import HostFacts
 from qlaunch.names import stable_mac
 
@@ -68,6 +69,8 @@ class Runtime:
     hotplug: tuple[str, ...] = ()  # restore: the arguments of devices hotplugged before a save
     incoming: str | None = None  # restore: -incoming (defer: QMP migrate-incoming later)
     agent: str | None = None  # unix socket path for the guest agent's virtio port
+    firmware_vars: str | None = None  # this VM's own UEFI variable store (a copy)
+    tpm: str | None = None  # swtpm's control socket, for [machine] tpm
 
 
 # PCIe devices cannot be hotplugged onto the root bus: q35 gets this many empty root ports.
@@ -124,7 +127,11 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
     argv = [binary, "-name", f"guest={esc(rt.name)},debug-threads=on"]
     if rt.uuid:
         argv += ["-uuid", rt.uuid]
-    argv += ["-machine", ",".join([board.machine, *board.machine_opts, *_machine_res(profile)])]
+    fw = firmware_for(profile, host)
+    fwargs = firmware.qemu_args(fw, rt.firmware_vars or "<vars>") if fw else None
+    machine_opts = [*board.machine_opts, *_machine_res(profile)]
+    machine_opts += list(fwargs.machine_opts) if fwargs else []
+    argv += ["-machine", ",".join([board.machine, *machine_opts])]
     argv += ["-accel", accel]
     cpu = "host" if accel == "kvm" else (m.cpu or board.cpu)
     if cpu:
@@ -139,6 +146,8 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
             "prealloc=on",
         ]
     argv += ["-nodefaults", "-no-user-config", "-no-reboot"]
+    if fwargs:
+        argv += list(fwargs.args)
     if rt.paused:
         argv.append("-S")
     argv += _display(profile)
@@ -161,8 +170,10 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
             argv += ["-dtb", dtb]
         tsc = host.tsc_khz if accel == "tcg" and board.tsc_hint else None
         argv += ["-append", kernel_cmdline(profile, rt, tsc)]
-    argv += _disks(profile, rt)
-    argv += _nets(profile, rt)
+    boot = boot_indices(profile)
+    argv += _disks(profile, rt, boot)
+    argv += _nets(profile, rt, boot)
+    argv += _tpm(profile, rt.tpm)
     if board.sound:
         # A silent backend, or QEMU opens the host's ALSA and complains on stderr.
         argv += ["-audiodev", "none,id=snd0", "-global", f"{board.sound}.audiodev=snd0"]
@@ -284,7 +295,61 @@ def _console(profile: Profile, rt: Runtime) -> list[str]:
     return argv + mon
 
 
-def _disks(profile: Profile, rt: Runtime) -> list[str]:
+def firmware_for(profile: Profile, host: HostFacts) -> firmware.FirmwareChoice | None:
+    """The firmware a launch boots with; None: the kernel boots directly (QEMU's own)."""
+    want = profile.boot.firmware
+    arch = profile.machine.arch
+    if want == "auto":
+        has_disk = any(not d.cloud_init_seed for d in profile.disks)
+        chosen = firmware.resolve_auto(arch, kernel=bool(profile.boot.kernel), disk=has_disk)
+        if chosen is None:
+            return None
+        want = chosen
+    return firmware.select(host.firmware, arch, profile.board.machine, want)
+
+
+def boot_indices(profile: Profile) -> dict[tuple[str, int], int]:
+    """[boot] order as bootindex values: ("disk", i) for [[disk]] i, ("net", i) for NIC i."""
+    out: dict[tuple[str, int], int] = {}
+    for kind in profile.boot.order:
+        if kind == "net":
+            items = [("net", i) for i in range(len(profile.nets))]
+        else:
+            items = [
+                ("disk", i)
+                for i, d in enumerate(profile.disks)
+                if d.media == kind and not d.cloud_init_seed and d.interface != "sd"
+            ]
+        for item in items:
+            # From 1: QEMU gives a -kernel bootindex 0 (its linuxboot option ROM).
+            out[item] = len(out) + 1
+    return out
+
+
+# TPM devices per machine: CRB where the machine has ACPI (x86), TIS on the platform bus (virt).
+TPM_DEVICES = {"q35": "tpm-crb", "pc": "tpm-crb", "virt": "tpm-tis-device"}
+
+
+def _tpm(profile: Profile, sock: str | None) -> list[str]:
+    if not profile.machine.tpm:
+        return []
+    dev = TPM_DEVICES.get(profile.board.machine)
+    if dev is None:
+        raise UsageError(
+            f"{profile.source}: [machine] tpm: QEMU has no TPM for machine {profile.board.machine}",
+            hint=f"machines with a TPM: {', '.join(sorted(TPM_DEVICES))}",
+        )
+    return [
+        "-chardev",
+        f"socket,id=qltpm,path={esc(sock or '<tpm socket>')}",
+        "-tpmdev",
+        "emulator,id=qltpm0,chardev=qltpm",
+        "-device",
+        f"{dev},tpmdev=qltpm0",
+    ]
+
+
+def _disks(profile: Profile, rt: Runtime, boot: dict[tuple[str, int], int]) -> list[str]:
     board = profile.board
     argv: list[str] = []
     have_scsi = False
@@ -296,6 +361,8 @@ def _disks(profile: Profile, rt: Runtime) -> list[str]:
             continue
         argv += ["-drive", f"{drive},if=none,id=disk{i}"]
         dev = f"drive=disk{i},id=disk{i}-dev"
+        if ("disk", i) in boot:
+            dev += f",bootindex={boot['disk', i]}"
         cdrom = d.media == "cdrom"
         if cdrom and d.interface == "ide":
             argv += ["-device", f"ide-cd,{dev}"]
@@ -325,7 +392,7 @@ def _drive_opts(d: Disk, path: str) -> str:
     return ",".join(opts)
 
 
-def _nets(profile: Profile, rt: Runtime) -> list[str]:
+def _nets(profile: Profile, rt: Runtime, boot: dict[tuple[str, int], int]) -> list[str]:
     board = profile.board
     argv: list[str] = []
     for i, n in enumerate(profile.nets):
@@ -341,7 +408,8 @@ def _nets(profile: Profile, rt: Runtime) -> list[str]:
                 "-netdev",
                 f"{backend},id=net{i}",
                 "-device",
-                f"{model},netdev=net{i},mac={mac},id=net{i}-dev",
+                f"{model},netdev=net{i},mac={mac},id=net{i}-dev"
+                + (f",bootindex={boot['net', i]}" if ("net", i) in boot else ""),
             ]
     return argv
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qlaunch import spawn
+from qlaunch.boot import firmware
 from qlaunch.config.boards import QEMU_BINARY
 
 KVM_CREATE_VM = 0xAE01  # _IO(KVMIO=0xAE, 0x01)
@@ -43,6 +44,9 @@ class HostFacts:
     tun: bool = False
     # The host's TSC rate: under TCG a guest's TSC ticks at it (QEMU reads the host's TSC).
     tsc_khz: int | None = None
+    # QEMU's firmware descriptors in priority order (boot.firmware reads and chooses them).
+    firmware: tuple[firmware.Descriptor, ...] = ()
+    swtpm: str | None = None  # the swtpm binary, for [machine] tpm
 
     def kvm_for(self, guest_arch: str) -> Verdict:
         """KVM runs a guest only of the host's own architecture (said first: for a foreign
@@ -121,6 +125,8 @@ def probe() -> HostFacts:
         qemu={arch: shutil.which(binary) for arch, binary in QEMU_BINARY.items()},
         tun=os.path.exists("/dev/net/tun"),
         tsc_khz=probe_tsc_khz(),
+        firmware=tuple(firmware.load_descriptors()),
+        swtpm=shutil.which("swtpm"),
     )
 
 

@@ -10,18 +10,28 @@ the entries run the plan's argv as it is, so what cmdline shows is what runs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
-from qlaunch.errors import UsageError
-from qlaunch.launch.argv import Port, Runtime, Share, build_argv, choose_accel, kernel_cmdline
+from qlaunch.errors import HostError, UsageError
+from qlaunch.launch.argv import (
+    Port,
+    Runtime,
+    Share,
+    build_argv,
+    choose_accel,
+    firmware_for,
+    kernel_cmdline,
+)
 from qlaunch.launch.host import HostFacts
 
 ENTRIES = ("run", "start", "exec", "restore")
 STATE = "<state>"  # a VM's state directory, shown for start and restore
 TMP = "<tmp>"  # the temporary directory of a run or an exec
+DATA = "<data>"  # a VM's persistent data directory (paths.vm_data_dir), for start and restore
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,18 @@ class Made:
 
 
 @dataclass(frozen=True)
+class Helper:
+    """A process QEMU needs beside it (swtpm): started before QEMU, ready once `ready` (a
+    socket) exists, gone with QEMU (it ends when QEMU's connection closes)."""
+
+    what: str
+    argv: tuple[str, ...]
+    ready: str
+    state: str  # a directory it keeps its state in, made (0700) before it starts
+    log: str
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
     entry: str
     name: str
@@ -47,9 +69,14 @@ class LaunchPlan:
     fds: tuple[PassFd, ...]
     sockets: tuple[Made, ...]
     files: tuple[Made, ...]
+    helpers: tuple[Helper, ...] = ()
+    firmware: dict[str, Any] | None = None  # the choice: kind, code, vars template, descriptor
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"argv": list(self.argv)}
+        return asdict(self) | {
+            "argv": list(self.argv),
+            "helpers": [asdict(h) | {"argv": list(h.argv)} for h in self.helpers],
+        }
 
 
 def check_entry(entry: str) -> None:
@@ -76,9 +103,21 @@ def wire(
     shares: tuple[Share, ...] = (),
     exec_append: tuple[str, ...] = (),
     hotplug: tuple[str, ...] = (),
+    data: str | None = None,
+    workdir: str | None = None,
 ) -> Runtime:
-    """The Runtime of one entry. What is not given yet shows as a placeholder."""
+    """The Runtime of one entry. What is not given yet shows as a placeholder.
+
+    statedir (start, restore): the VM's runtime directory; data: its persistent one (UEFI
+    variables, TPM state); workdir (run, exec): the launch's temporary directory, which
+    holds throwaway copies of both."""
     check_entry(entry)
+    background = entry in ("start", "restore")
+    if background:
+        here = statedir or f"{STATE}/{name}"
+        keep = data or f"{DATA}/{name}"
+    else:
+        here = keep = workdir or TMP
     base = Runtime(
         name=name,
         kernel=kernel,
@@ -88,9 +127,11 @@ def wire(
         taps=taps,
         mem_path=mem_path,
         append_extra=nic_append,
+        firmware_vars=f"{keep}/{VARS_FILE}",
+        tpm=f"{here}/tpm.sock",
     )
-    if entry in ("start", "restore"):
-        d = statedir or f"{STATE}/{name}"
+    if background:
+        d = here
         return replace(
             base,
             console=f"{d}/console.sock",
@@ -114,10 +155,49 @@ def wire(
     return base
 
 
+VARS_FILE = "efivars.fd"
+TPM_STATE = "tpm"
+
+
+def tpm_helper(profile: Profile, host: HostFacts, rt: Runtime) -> Helper | None:
+    """swtpm for [machine] tpm: its state beside the VM's variable store (kept for a
+    background VM, thrown away with a run), its control socket where QEMU looks for it."""
+    if not profile.machine.tpm:
+        return None
+    if host.swtpm is None:
+        raise HostError(
+            "[machine] tpm needs swtpm, which is not installed", hint="apt-get install swtpm"
+        )
+    assert rt.tpm is not None and rt.firmware_vars is not None
+    here = os.path.dirname(rt.tpm)
+    state = f"{os.path.dirname(rt.firmware_vars)}/{TPM_STATE}"
+    log = f"{here}/swtpm.log"
+    for path in (state, rt.tpm, log):
+        if "," in path:
+            # swtpm's options are KEY=VALUE,... with no way to escape a comma.
+            raise UsageError(f"swtpm cannot take a path with a comma: {path}")
+    argv = (
+        host.swtpm,
+        "socket",
+        "--tpm2",
+        "--tpmstate",
+        f"dir={state},mode=0600",
+        "--ctrl",
+        f"type=unixio,path={rt.tpm},mode=0600",
+        # Ends when QEMU's connection closes: a QEMU killed with SIGKILL takes swtpm along.
+        "--terminate",
+        "--log",
+        f"file={log},level=1",
+    )
+    return Helper("TPM 2.0 emulator (swtpm)", argv, rt.tpm, state, log)
+
+
 def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchPlan:
     check_entry(entry)
     accel, note = choose_accel(profile, host)
     argv = build_argv(profile, host, rt)
+    fw = firmware_for(profile, host)
+    helpers = tuple(h for h in (tpm_helper(profile, host, rt),) if h is not None)
     fds: list[PassFd] = []
     for i, n in enumerate(profile.nets):
         if n.mode in ("network", "bridge"):
@@ -137,6 +217,11 @@ def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchP
     files: list[Made] = []
     if rt.console_log:
         files.append(Made(rt.console_log, "console log"))
+    if fw is not None and fw.vars_template and rt.firmware_vars:
+        files.append(Made(rt.firmware_vars, f"UEFI variable store (from {fw.vars_template})"))
+    for h in helpers:
+        sockets.append(Made(h.ready, h.what))
+        files.append(Made(h.state, f"{h.what}: state"))
     cmdline = None
     if rt.kernel or profile.boot.kernel:
         tsc = host.tsc_khz if accel == "tcg" and profile.board.tsc_hint else None
@@ -151,6 +236,8 @@ def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchP
         fds=tuple(fds),
         sockets=tuple(sockets),
         files=tuple(files),
+        helpers=helpers,
+        firmware=asdict(fw) if fw is not None else None,
     )
 
 
@@ -167,4 +254,14 @@ def relocate(p: LaunchPlan, real: str, shown: str) -> LaunchPlan:
         kernel_cmdline=fix(p.kernel_cmdline) if p.kernel_cmdline else None,
         sockets=tuple(Made(fix(m.path), m.what) for m in p.sockets),
         files=tuple(Made(fix(m.path), m.what) for m in p.files),
+        helpers=tuple(
+            replace(
+                h,
+                argv=tuple(map(fix, h.argv)),
+                ready=fix(h.ready),
+                state=fix(h.state),
+                log=fix(h.log),
+            )
+            for h in p.helpers
+        ),
     )

@@ -7,6 +7,7 @@ says so, since QEMU would otherwise wait forever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
 from qlaunch.errors import QemuError, QlaunchError
 from qlaunch.launch import argv as argvmod
-from qlaunch.launch import plan, resolve
+from qlaunch.launch import extras, plan, resolve
 from qlaunch.launch.host import HostFacts
 from qlaunch.spawn import spawn, stop_child
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 EXIT_RE = re.compile(protocol.EXIT_RE.pattern.encode())
 HALT_RE = re.compile(protocol.HALT_RE.pattern.encode())
 MARKER = protocol.EXIT_MARKER.encode()
+SCREEN_CONTROL = re.compile(rb"\x1b\[(?:2J|[0-9;]*H|=[0-9]+h)")
+PARTIAL_CONTROL = re.compile(rb"\x1b(?:\[[0-9;=]*)?$|\r$")
 
 EXIT_NO_STATUS = protocol.EXIT_NO_STATUS
 
@@ -113,11 +116,13 @@ def run(
     from qlaunch.net import attach, netns  # pyroute2 and friends: only when a run happens
 
     with (
+        contextlib.ExitStack() as stack,
         tempfile.TemporaryDirectory(prefix="qlaunch-run-") as tmp,
         # Taps for [[net]] mode = network/bridge ($QLAUNCH_NETNS: all of it in that namespace).
         attach.nics_for(profile, profile.name, netns.from_env(None)) as nics,
     ):
         p = plan_run(profile, host, cmd, Path(tmp), taps=nics.taps, nic_append=nics.append)
+        stack.enter_context(extras.running(p.helpers))
         log.debug("run: %s under %s, %d fds passed", profile.name, p.accel, len(nics.fds))
         if accel_note and note:
             note(accel_note)
@@ -140,6 +145,7 @@ def plan_run(
     rt = plan.wire(
         "run",
         profile.name,
+        workdir=str(workdir),
         kernel=files.kernel,
         initrd=files.initrd,
         dtb=files.dtb,
@@ -147,7 +153,10 @@ def plan_run(
         taps=taps,
         nic_append=nic_append,
     )
-    return plan.build(profile, host, "run", rt)
+    launch = plan.build(profile, host, "run", rt)
+    if make:
+        extras.make_files(profile, host, rt)
+    return launch
 
 
 def _disk_paths(profile: Profile, workdir: Path, make: bool) -> tuple[str, ...]:
@@ -161,10 +170,18 @@ def _disk_paths(profile: Profile, workdir: Path, make: bool) -> tuple[str, ...]:
 def _drive(
     profile: Profile, argv: list[str], out: BinaryIO, has_cmd: bool, pass_fds: list[int]
 ) -> RunResult:
+    held = b""
+
     def write(b: bytes) -> None:
+        nonlocal held
         if has_cmd:
             # The guest tty writes CR LF; a command's output read from a pipe wants plain LF.
-            b = b.replace(b"\r\n", b"\n")
+            # UEFI firmware clears the screen and homes the cursor: no use in a command's
+            # output. A sequence cut between two reads waits for its end.
+            b = held + b
+            cut = PARTIAL_CONTROL.search(b)
+            b, held = (b[: cut.start()], b[cut.start() :]) if cut else (b, b"")
+            b = SCREEN_CONTROL.sub(b"", b.replace(b"\r\n", b"\n"))
         out.write(b)
         out.flush()
 

@@ -683,6 +683,7 @@ class _Stream:
 
 
 def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
+    from qlaunch.launch import extras
     from qlaunch.launch import plan as planmod
     from qlaunch.launch.argv import Port
     from qlaunch.spawn import spawn
@@ -692,6 +693,7 @@ def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
     read_ends: dict[str, int] = {}
     write_ends: list[int] = []
     ports: list[Port] = []
+    stack = contextlib.ExitStack()  # helpers (swtpm) run as long as QEMU does
     try:
         if plan.transport == "ports":
             for port in PORTS:
@@ -703,6 +705,7 @@ def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
             rt = planmod.wire(
                 "exec",
                 plan.name,
+                workdir=str(plan.workdir),
                 kernel=plan.kernel,
                 initrd=plan.initrd,
                 dtb=plan.dtb,
@@ -713,7 +716,10 @@ def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
                 shares=plan.shares,
                 exec_append=plan.append,
             )
-            argv = list(planmod.build(plan.profile, plan.host, "exec", rt).argv)
+            launch = planmod.build(plan.profile, plan.host, "exec", rt)
+            argv = list(launch.argv)
+            extras.make_files(plan.profile, plan.host, rt)
+            stack.enter_context(extras.running(launch.helpers))
             try:
                 proc = spawn(
                     argv,
@@ -742,6 +748,7 @@ def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
             with _RUNNING_LOCK:
                 _RUNNING.pop(threading.current_thread(), None)
     finally:
+        stack.close()
         for fd in [*write_ends, *read_ends.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -40,10 +40,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlaunch import paths
 from qlaunch.errors import QemuError, QlaunchError, StateError, UsageError
 from qlaunch.vm import state
 from qlaunch.vm.state import Live, Record
@@ -78,6 +79,9 @@ class VMInfo:
     restart_policy: str
     supervisor_pid: int | None
     note: str | None
+    # The guest's addresses: from its agent (when one has answered) and from DHCP leases on
+    # qlaunch networks; None when neither knows.
+    addresses: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,13 +113,19 @@ def info_of(live: state.Live) -> VMInfo:
     )
 
 
-def list_vms(base: Path | None = None) -> list[VMInfo]:
-    """Every VM with a state directory, from records and /proc only (fast: no QMP)."""
+def list_vms(base: Path | None = None, addresses: bool = True) -> list[VMInfo]:
+    """Every VM with a state directory, from records and /proc only (fast: no QMP). With
+    addresses, the guest's addresses too: cached, and asked of a guest agent only where one
+    has answered before (qlaunch.vm.agent.addresses), so VMs without one cost nothing."""
     r = base or state.root()
     out = []
     for name in state.names(r):
         try:
-            out.append(info_of(state.inspect(r / name)))
+            live = state.inspect(r / name)
+            info = info_of(live)
+            if addresses:
+                info = replace(info, addresses=guest_addresses(VM(name, r), live))
+            out.append(info)
         except StateError as e:
             out.append(
                 VMInfo(name, state.ERROR, None, None, None, None, 0, "?", "?", None, e.message)
@@ -365,6 +375,7 @@ class VM:
         live = self.live()
         rec = live.record
         out: dict[str, Any] = info_of(live).to_json()
+        nics = _nics_status(rec)
         out.update(
             uuid=rec.uuid,
             dir=str(self.dir),
@@ -374,7 +385,11 @@ class VM:
                 "pid": rec.supervisor.pid if rec.supervisor else None,
                 "alive": live.supervisor is not None,
             },
-            sockets={"qmp": str(self.dir / "qmp.sock"), "console": str(self.dir / "console.sock")},
+            sockets={
+                "qmp": str(self.dir / "qmp.sock"),
+                "console": str(self.dir / "console.sock"),
+                "agent": str(self.dir / "qga.sock") if (self.dir / "qga.sock").exists() else None,
+            },
             logs={
                 "console": str(self.dir / "console.log"),
                 "qemu": str(self.dir / "qemu.log"),
@@ -385,11 +400,12 @@ class VM:
             failed_reason=rec.failed_reason,
             hotplug=rec.hotplug,
             netns=rec.netns,
-            nics=_nics_status(rec),
+            nics=nics,
             command_status=self.command_status(),
             qmp=None,
             qmp_error=None,
             qemu_version=None,
+            agent=None,
         )
         if query and live.qemu is not None:
             try:
@@ -401,6 +417,11 @@ class VM:
                 out["qmp_error"] = e.message
             except StateError as e:  # qmp.lock held: busy, not dead
                 out["qmp_error"] = e.message
+        if query:
+            from qlaunch.vm import agent
+
+            out["addresses"] = guest_addresses(self, live, probe=True, nics=nics)
+            out["agent"] = agent.answering(self.dir, live.qemu)
         return out
 
     def command_status(self) -> int | None:
@@ -518,8 +539,11 @@ class VM:
                 raise StateError(f"VM {self.name} is still {live.state} after {timeout:g} s")
             time.sleep(poll)
 
-    def remove(self, force: bool = False, lock_timeout: float = 30.0) -> None:
-        """Remove a stopped VM's state directory; with force, stop it first (no ACPI)."""
+    def remove(
+        self, force: bool = False, lock_timeout: float = 30.0, keep_data: bool = False
+    ) -> None:
+        """Remove a stopped VM's state directory and, unless keep_data, its persistent data
+        (UEFI variables, TPM state); with force, stop it first (no ACPI)."""
         from qlaunch.vm import stop
 
         self.close()
@@ -542,6 +566,9 @@ class VM:
                 stop.stop_locked(self, timeout=0.0, force=True, on_step=None)
             state.settle(self.dir)
             shutil.rmtree(self.dir)
+            data = paths.vm_data_dir(self.name)
+            if not keep_data and data.is_dir():
+                shutil.rmtree(data)
             state.log(self.base, f"removed VM {self.name}")
 
     # -- console
@@ -576,6 +603,38 @@ class VM:
         except QlaunchError:
             if exc[0] is None:
                 raise
+
+
+def guest_addresses(
+    vm: VM, live: Live, *, probe: bool = False, nics: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]] | None:
+    """The guest's addresses: its agent's (see qlaunch.vm.agent.addresses; probe: also try
+    an agent never seen), then the DHCP leases of its NICs on qlaunch networks that the agent
+    did not report. None when neither knows any."""
+    found = None
+    # No agent.json: no agent has answered this VM, and `list` need not even import the client.
+    if probe or (vm.dir / "agent.json").exists():
+        from qlaunch.vm import agent
+
+        found = agent.addresses(vm, live, probe=probe)
+    rows = list(found or [])
+    have = {a["address"] for a in rows}
+    if live.qemu is not None and any(n.get("network") for n in live.record.nics):
+        for n in nics if nics is not None else _nics_status(live.record):
+            lease = n.get("lease")
+            if lease and lease not in have:
+                have.add(lease)
+                rows.append(
+                    {
+                        "address": lease,
+                        "prefix": None,
+                        "family": "ipv6" if ":" in lease else "ipv4",
+                        "interface": None,
+                        "mac": n.get("mac"),
+                        "source": "lease",
+                    }
+                )
+    return rows if found is not None or rows else None
 
 
 def _nics_status(rec: Record) -> list[dict[str, Any]]:
@@ -855,7 +914,7 @@ def _build_and_run(
 ) -> None:
     """Make what the plan needs, write the plan and the record, and let the supervisor start
     QEMU. Whatever was made (taps, leases, cgroups) is undone if a later step fails."""
-    from qlaunch.launch import disks, resolve
+    from qlaunch.launch import disks, extras, resolve
     from qlaunch.vm import resources
 
     name = d.name
@@ -873,6 +932,7 @@ def _build_and_run(
         uuid = new_uuid()
         rt = _wire(d, a, files, disk_paths, nics, res, uuid=uuid, monitor_fd=mon_fd)
         _write_plan(d, prof, facts, a, rt)
+        extras.make_files(prof, facts, rt)
         rec = state.Record(
             name=name,
             uuid=uuid,
@@ -949,6 +1009,7 @@ def _wire(
         initrd=_abs(files.initrd),
         dtb=_abs(files.dtb),
         statedir=str(d),
+        data=str(paths.vm_data_dir(d.name)),
         uuid=uuid,
         disk_paths=disk_paths,
         taps=nics.taps if nics else (),

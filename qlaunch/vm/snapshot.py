@@ -12,11 +12,19 @@ takes part, so disks and RAM stay consistent; the guest state (vmstate) goes int
 one. So every writable disk must be qcow2: a raw disk cannot hold a snapshot, and leaving it
 out would bring back RAM that no longer matches it. Read-only disks (CD-ROMs, the cloud-init
 seed) cannot change, so they are left out.
+
+When the guest's agent answers, `create` freezes the guest's file systems around the job
+(guest-fsfreeze-freeze, thawed in any case afterwards), so the disks in the snapshot are
+clean on their own too (e.g. for `qemu-img snapshot -a` on a stopped VM). The guest state it
+saves is then a frozen one: `revert` thaws the guest's file systems after loading when its
+agent says they are frozen. No agent: a snapshot as consistent as RAM and disks together are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +37,8 @@ if TYPE_CHECKING:
     from qlaunch.vm.qmp import Monitor
 
 JOB_TIMEOUT = 600.0
+AGENT_PING = 2.0  # an agent that does not answer in this time is not waited for
+Note = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -181,8 +191,9 @@ def _list(mon: Monitor, vm: VM) -> list[Snapshot]:
     return sorted(out, key=lambda s: s.date)
 
 
-def create(name: str, tag: str, base: Path | None = None) -> Snapshot:
-    """Snapshot every writable disk and the guest's state under tag (a new tag only)."""
+def create(name: str, tag: str, base: Path | None = None, note: Note | None = None) -> Snapshot:
+    """Snapshot every writable disk and the guest's state under tag (a new tag only). With a
+    guest agent, its file systems are frozen meanwhile; note says so."""
     _check_tag(tag)
     vm = _vm(name, base)
     with (
@@ -195,20 +206,21 @@ def create(name: str, tag: str, base: Path | None = None) -> Snapshot:
                 f"VM {vm.name} already has a snapshot {tag!r}",
                 hint=f"qlaunch snapshot {vm.name} delete {tag} first, or pick another tag",
             )
-        _run_job(
-            mon,
-            vm,
-            "snapshot-save",
-            {"tag": tag, "vmstate": nodes[0].node, "devices": [n.node for n in nodes]},
-        )
+        with _frozen(vm, note):
+            _run_job(
+                mon,
+                vm,
+                "snapshot-save",
+                {"tag": tag, "vmstate": nodes[0].node, "devices": [n.node for n in nodes]},
+            )
         snap = next(s for s in _list(mon, vm) if s.tag == tag)
     state.log(vm.dir, f"snapshot: created {tag!r} on {', '.join(snap.disks)}")
     return snap
 
 
-def revert(name: str, tag: str, base: Path | None = None) -> Snapshot:
+def revert(name: str, tag: str, base: Path | None = None, note: Note | None = None) -> Snapshot:
     """Bring the disks and the guest back to snapshot tag. A running guest runs on from
-    there; a paused one stays paused."""
+    there; a paused one stays paused. File systems the snapshot froze are thawed."""
     _check_tag(tag)
     vm = _vm(name, base)
     with (
@@ -229,6 +241,7 @@ def revert(name: str, tag: str, base: Path | None = None) -> Snapshot:
             "snapshot-load",
             {"tag": tag, "vmstate": holder.node, "devices": [n.node for n in nodes]},
         )
+    _thaw_after_revert(vm, note)
     state.log(vm.dir, f"snapshot: reverted to {tag!r}")
     return snap
 
@@ -254,3 +267,89 @@ def _find(mon: Monitor, vm: VM, tag: str) -> Snapshot:
             return s
     have = ", ".join(s.tag for s in snaps) or "none"
     raise UsageError(f"VM {vm.name} has no snapshot {tag!r}", hint=f"its snapshots: {have}")
+
+
+# ---- the guest agent's file system freeze ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _frozen(vm: VM, note: Note | None) -> Iterator[None]:
+    """The body runs with the guest's file systems frozen, when its agent answers; thawed
+    afterwards whatever happens. A freeze the agent refuses leaves the snapshot as it would be
+    without an agent (said); a freeze that gets no answer ends the snapshot (after a thaw)."""
+    from qlaunch.vm import agent
+
+    def say(msg: str) -> None:
+        state.log(vm.dir, f"snapshot: {msg}")
+        if note:
+            note(msg)
+
+    try:
+        ga = agent.connect(vm, AGENT_PING, purpose="snapshot freeze", lock_timeout=AGENT_PING)
+    except StateError:  # no agent answering, its lock held, or the guest paused
+        yield
+        return
+    try:
+        try:
+            count = ga.execute("guest-fsfreeze-freeze")
+        except agent.AgentError as e:
+            say(f"guest file systems not frozen: {e.desc}")
+            ga.close()
+            yield
+            return
+        except agent.AgentUnavailable as e:
+            # It may have frozen some before it went quiet.
+            ga = _thaw(vm, ga, say)
+            raise StateError(
+                f"VM {vm.name}: the guest agent did not finish freezing its file systems "
+                f"({e.message}); no snapshot taken",
+                hint="try again; `qlaunch agent NAME guest-fsfreeze-status` shows the state",
+            ) from None
+        say(f"guest file systems frozen ({count}) for the snapshot")
+        try:
+            yield
+        finally:
+            ga = _thaw(vm, ga, say)
+    finally:
+        ga.close()
+
+
+def _thaw(vm: VM, ga: Any, say: Note) -> Any:
+    """guest-fsfreeze-thaw, on a new session if this one broke. A guest left frozen hangs
+    every writer in it, so a thaw that fails is an error with the way out."""
+    from qlaunch.vm import agent
+
+    last = ""
+    for attempt in range(3):
+        try:
+            n = ga.execute("guest-fsfreeze-thaw")
+            say(f"guest file systems thawed ({n})")
+            return ga
+        except (agent.AgentUnavailable, agent.AgentError) as e:
+            last = e.message
+            ga.close()
+            time.sleep(0.5 * attempt)
+            with contextlib.suppress(StateError):
+                ga = agent.connect(vm, agent.CONNECT, purpose="snapshot thaw")
+    raise StateError(
+        f"VM {vm.name}: could not thaw the guest's file systems: {last}",
+        hint=f"qlaunch agent {vm.name} guest-fsfreeze-thaw",
+    )
+
+
+def _thaw_after_revert(vm: VM, note: Note | None) -> None:
+    """A snapshot taken frozen loads frozen: thaw it, if the agent says so."""
+    from qlaunch.vm import agent
+
+    try:
+        with agent.connect(
+            vm, AGENT_PING, purpose="snapshot revert", lock_timeout=AGENT_PING
+        ) as ga:
+            if ga.execute("guest-fsfreeze-status") != "frozen":
+                return
+            n = ga.execute("guest-fsfreeze-thaw")
+    except (StateError, agent.AgentError):
+        return
+    state.log(vm.dir, f"snapshot: guest file systems thawed after the revert ({n})")
+    if note:
+        note(f"guest file systems thawed ({n}): the snapshot was taken frozen")

@@ -1,7 +1,12 @@
-"""The stop ladder: ACPI powerdown, wait; QMP quit, wait; SIGTERM, wait; SIGKILL.
+"""The stop ladder: guest agent shutdown, wait; ACPI powerdown, wait; QMP quit, wait;
+SIGTERM, wait; SIGKILL.
 
 Each step is logged in the VM's vm.log and reported (on_step, and the StopReport). `force`
-skips ACPI. A paused guest cannot see the power button, so ACPI is skipped for it too.
+skips the agent and ACPI; `modes` picks which of the two graceful steps to try. The agent
+step is taken only when an agent answers guest-ping within AGENT_PING (a guest without one
+goes straight to ACPI, with no step reported): a guest without a power-button handler still
+shuts down cleanly through it. A paused guest can neither run its agent nor see the power
+button, so both are skipped for it.
 A VM counts as stopped only once QEMU's process is gone: reaped by its supervisor, which
 records the exit; or, with the supervisor dead, gone from /proc (or a zombie that its new
 parent does not reap: we cannot waitpid a process that is not our child), recorded by us
@@ -15,11 +20,11 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qlaunch.errors import QemuError, QlaunchError
+from qlaunch.errors import QemuError, QlaunchError, StateError, UsageError
 from qlaunch.vm import state
 from qlaunch.vm.state import Exit
 
@@ -34,11 +39,13 @@ TERM_WAIT = 5.0
 KILL_WAIT = 10.0
 RECORD_WAIT = 10.0  # for a live supervisor to reap and record
 ACPI_REPEAT = 5.0  # press the power button again after this long
+AGENT_PING = 2.0  # an agent that does not answer guest-ping in this time is not used
+MODES = ("agent", "acpi")  # the graceful steps, in the order they are tried
 
 
 @dataclass
 class Step:
-    action: str  # "acpi powerdown", "qmp quit", "SIGTERM", "SIGKILL"
+    action: str  # "agent shutdown", "acpi powerdown", "qmp quit", "SIGTERM", "SIGKILL"
     result: str
     ended: bool  # QEMU was gone after this step
     seconds: float
@@ -66,15 +73,32 @@ def stop(
     force: bool = False,
     on_step: Callable[[str], None] | None = None,
     lock_timeout: float = 30.0,
+    modes: Sequence[str] = MODES,
 ) -> StopReport:
     with state.locked(vm.name, "stop", lock_timeout, vm.base):
-        return stop_locked(vm, timeout=timeout, force=force, on_step=on_step)
+        return stop_locked(vm, timeout=timeout, force=force, on_step=on_step, modes=modes)
+
+
+def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UsageError(
+            f"stop mode {(bad or [''])[0]!r} is not one of {', '.join(MODES)}",
+            hint="e.g. --mode agent,acpi (the default) or --mode acpi",
+        )
+    return tuple(m for m in MODES if m in modes)
 
 
 def stop_locked(
-    vm: VM, *, timeout: float, force: bool, on_step: Callable[[str], None] | None
+    vm: VM,
+    *,
+    timeout: float,
+    force: bool,
+    on_step: Callable[[str], None] | None,
+    modes: Sequence[str] = MODES,
 ) -> StopReport:
     """The ladder, for a caller that holds the VM's lock."""
+    modes = check_modes(modes)
     d = vm.dir
     live = state.inspect(d)
     report = StopReport(vm.name, was=live.state)
@@ -103,9 +127,12 @@ def stop_locked(
         return report
 
     ended = False
-    if not force:
+    paused = rec.state == state.PAUSED or rec.runstate not in (None, "running")
+    if not force and "agent" in modes and not paused:
+        ended = _agent_shutdown(vm, q, timeout, step)
+    if not force and "acpi" in modes and not ended:
         t0 = time.monotonic()
-        if rec.state == state.PAUSED or rec.runstate not in (None, "running"):
+        if paused:
             step("acpi powerdown", "skipped: the guest is paused and cannot see it", False, t0)
         else:
             try:
@@ -155,6 +182,34 @@ def stop_locked(
     if live.record.supervisor is None and report.exit and report.exit.reason == "unsupervised":
         report.note = "its supervisor was gone, so qlaunch recorded the exit from /proc"
     return report
+
+
+def _agent_shutdown(
+    vm: VM, q: state.Proc, timeout: float, step: Callable[[str, str, bool, float], None]
+) -> bool:
+    """guest-shutdown (powerdown) when an agent answers guest-ping; then wait up to timeout
+    for QEMU to end. True once it has. No agent: no step, only a line in vm.log."""
+    from qlaunch.vm import agent
+
+    t0 = time.monotonic()
+    try:
+        with agent.connect(vm, AGENT_PING, purpose="stop", lock_timeout=AGENT_PING) as ga:
+            ga.execute("guest-ping", timeout=AGENT_PING)
+            ga.shutdown("powerdown")
+    except agent.AgentError as e:
+        step("agent shutdown", f"refused: {e.desc}", False, t0)
+        return False
+    except StateError as e:  # no agent answering (AgentUnavailable), or its lock is held
+        state.log(vm.dir, f"stop: agent shutdown: skipped: {e.message}")
+        return False
+    ended = state.wait_gone(q.pid, q.start_ticks, timeout)
+    result = (
+        "the guest powered off"
+        if ended
+        else f"sent; the guest did not power off within {timeout:g} s"
+    )
+    step("agent shutdown", result, ended, t0)
+    return ended
 
 
 def _press_power_button(vm: VM, q: state.Proc, timeout: float) -> bool:

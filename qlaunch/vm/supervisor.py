@@ -138,6 +138,7 @@ class Supervisor:
         self.next_ping = 0.0
         self.events_fd = -1
         self.log_offset = 0
+        self.helpers: list[int] = []  # pids of the plan's helpers (swtpm), ours to reap
 
     # -- the record
 
@@ -153,6 +154,7 @@ class Supervisor:
         argv = json.loads((self.d / "argv.json").read_text())
         # A QEMU killed with SIGKILL leaves its socket files; the next one must bind afresh.
         state.remove_sockets(self.d)
+        self.start_helpers()
         parent, child = socket.socketpair()
         os.set_inheritable(child.fileno(), True)
         for fd in self.rec.fds:
@@ -199,12 +201,68 @@ class Supervisor:
         self.change(ch)
         self.log(f"QEMU started, pid {self.pid}")
 
+    def start_helpers(self) -> None:
+        """The plan's helper processes (swtpm), each ready (its socket there) before QEMU
+        starts; they end when QEMU's connection to them closes (reaped in reap())."""
+        try:
+            helpers = json.loads((self.d / "plan.json").read_text()).get("helpers") or []
+        except (OSError, ValueError):
+            helpers = []
+        for h in helpers:
+            os.makedirs(h["state"], mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(h["ready"])
+            logfd = os.open(
+                self.d / "helpers.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+            try:
+                actions = [
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, logfd, 1),
+                    (os.POSIX_SPAWN_DUP2, logfd, 2),
+                ]
+                pid = os.posix_spawnp(
+                    h["argv"][0], h["argv"], dict(os.environ), file_actions=actions, setpgroup=0
+                )
+            finally:
+                os.close(logfd)
+            self.helpers.append(pid)
+            deadline = time.monotonic() + 10.0
+            while not os.path.exists(h["ready"]):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done or time.monotonic() > deadline:
+                    if done:
+                        self.helpers.remove(pid)
+                    self.stop_helpers()
+                    raise OSError(f"{h['what']} did not start (see {self.d / 'helpers.log'})")
+                time.sleep(0.01)
+            self.log(f"{h['what']} started, pid {pid}")
+
+    def stop_helpers(self) -> None:
+        """Reap the helpers: gone with QEMU's connection as a rule; else asked, then made to."""
+        for pid in self.helpers:
+            for sig in (0, signal.SIGTERM, signal.SIGKILL):
+                if sig:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                deadline = time.monotonic() + 2.0
+                done = 0
+                while time.monotonic() < deadline:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    time.sleep(0.02)
+                if done:
+                    break
+        self.helpers = []
+
     def launch(self) -> str | None:
         """Start QEMU and bring it to running (or paused); None, or why it failed (QEMU has
         been reaped and its exit recorded then)."""
         try:
             self.spawn()
         except OSError as e:
+            self.stop_helpers()
             why = f"cannot start {self.argv0()}: {e.strerror or e}"
             ex = state.Exit(time=time.time(), pid=0, reason="not-started")
 
@@ -376,6 +434,7 @@ class Supervisor:
 
     def reap(self) -> state.Exit:
         _, status = os.waitpid(self.pid, 0)
+        self.stop_helpers()
         os.close(self.pidfd)
         self.pidfd = -1
         if self.mon is not None:

@@ -9,6 +9,7 @@ another machine (/images/..., /boot/...) become small real files of the same kin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -20,7 +21,10 @@ import pytest
 from goldens import NO_KVM, Case, cases, render
 
 from qlaunch import paths
+from qlaunch.boot import firmware
 from qlaunch.config import profile
+from qlaunch.launch import extras
+from qlaunch.launch.argv import firmware_for
 from qlaunch.vm.qmp import Monitor
 
 CASES = cases()
@@ -93,6 +97,7 @@ def test_qemu_accepts_golden_case(case: Case) -> None:
             fds=fds,
             share_dir=str(share),
             sets=sets,
+            data=str(work),
         )
         argv = list(plan.argv)
         qmp = work / "qmp.sock"
@@ -103,6 +108,14 @@ def test_qemu_accepts_golden_case(case: Case) -> None:
         if prof.resources.hugepages:
             # The plan's memory backend, on a tmpfs here: hugepages are a host's, not argv's.
             argv = [a.replace("mem-path=/dev/hugepages", f"mem-path={work}") for a in argv]
+        # What the launch makes beside QEMU: the UEFI variable store, swtpm.
+        rt_vars = next((a.split("file=")[1] for a in argv if "unit=1,file=" in a), None)
+        if rt_vars:
+            choice = firmware_for(prof, NO_KVM)
+            assert choice is not None
+            firmware.ensure_vars(choice, rt_vars.replace(",,", ","))
+        helpers = contextlib.ExitStack()
+        helpers.enter_context(extras.running(plan.helpers))
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -131,6 +144,7 @@ def test_qemu_accepts_golden_case(case: Case) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            helpers.close()
             for fd in keep:
                 os.close(fd)
             if sup is not None:

@@ -21,7 +21,7 @@ import pytest
 from netlab import Guest, boot, namespace, nft_rules, rules_naming, upstream_of, wait_until
 from vmlab import BOOT_TIMEOUT, BOOTED, QLAUNCH, jq, ok, reap_all, row
 
-from qlaunch.launch.argv import stable_mac
+from qlaunch.names import stable_mac
 from qlaunch.net import dhcp, netns, runtime
 from qlaunch.vm import state
 

@@ -8,6 +8,7 @@ from typing import IO, Any
 
 from qlaunch import units
 from qlaunch.cli import output
+from qlaunch.cli.commands.imagebuild import register_build
 from qlaunch.errors import UsageError
 
 FORMATS = (
@@ -26,6 +27,7 @@ def register(sub: Any) -> None:
         "nothing shrinks a disk without --shrink.",
     )
     isub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    register_build(isub)
 
     c = isub.add_parser("create", help="a new empty image (or an overlay with --backing)")
     c.add_argument("path")

@@ -30,7 +30,7 @@ examples:
   qlaunch qmp web query-block                       any QMP command; the reply as JSON
   qlaunch qmp web device_del '{"id": "nic1"}'
   qlaunch events web --follow                       QMP events as they come
-  qlaunch stop web                                  ACPI, then quit, SIGTERM, SIGKILL
+  qlaunch stop web                                  agent or ACPI, then quit, SIGTERM, SIGKILL
 """
 
 
@@ -80,22 +80,43 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "stop",
-        help="stop a VM: ACPI powerdown, then quit, SIGTERM, SIGKILL",
-        description="Stop a VM by the ladder: ACPI system_powerdown and wait up to --timeout; "
-        "QMP quit and wait; SIGTERM and wait; SIGKILL. Each step is reported on stderr. "
-        "Stopping a stopped VM is not an error.",
+        help="stop a VM: guest agent or ACPI powerdown, then quit, SIGTERM, SIGKILL",
+        description="Stop a VM by the ladder: when a guest agent answers, guest-shutdown and "
+        "wait up to --timeout; ACPI system_powerdown and wait up to --timeout; QMP quit and "
+        "wait; SIGTERM and wait; SIGKILL. Each step is reported on stderr. Stopping a stopped "
+        "VM is not an error.",
     )
     p.add_argument("name")
     p.add_argument(
-        "--timeout", type=non_negative(float), default=60.0, help="seconds to wait for ACPI (60)"
+        "--timeout",
+        type=non_negative(float),
+        default=60.0,
+        help="seconds to wait for the guest agent's and for ACPI's shutdown (60 each)",
     )
-    p.add_argument("--force", action="store_true", help="skip ACPI: start with quit")
+    p.add_argument(
+        "--mode",
+        default="agent,acpi",
+        metavar="agent,acpi",
+        help="the graceful steps to try, comma-separated (default agent,acpi: the agent "
+        "when one answers, then ACPI)",
+    )
+    p.add_argument("--force", action="store_true", help="skip the agent and ACPI: start with quit")
     p.add_argument("--json", action="store_true", help="the steps as JSON on stdout")
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("rm", help="remove a stopped VM's state")
+    p = sub.add_parser(
+        "rm",
+        help="remove a stopped VM's state",
+        description="Remove a stopped VM: its runtime state and logs, and its persistent data "
+        "(UEFI variables, TPM state) unless --keep-data.",
+    )
     p.add_argument("names", nargs="+", metavar="name")
     p.add_argument("--force", "-f", action="store_true", help="stop it first (no ACPI)")
+    p.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="keep its UEFI variables and TPM state for a later start of that name",
+    )
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser(
@@ -275,6 +296,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.append(("netns", st["netns"]))
     for i, nic in enumerate(st.get("nics") or []):
         out.append((f"nic {i}", _nic_line(nic)))
+    if st.get("sockets", {}).get("agent") and st.get("pid"):
+        out.append(("guest agent", _agent_line(st.get("agent"))))
+    if st.get("addresses"):
+        out.append(("addresses", ", ".join(_address(a) for a in st["addresses"])))
     for dev in st.get("hotplug") or []:
         what = dev.get("path") or f"{dev.get('mode')} NIC, MAC {dev.get('mac')}"
         out.append(("hotplugged", f"{dev['id']}: {dev['kind']} {what}"))
@@ -287,6 +312,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
             print(f"  {when}  pid {e['pid']}: {e['describe']}")
     return 0
+
+
+def _agent_line(answering: bool | None) -> str:
+    if answering:
+        return "answering"
+    return "not answering (qemu-ga not installed, or the guest still booting)"
+
+
+def _address(a: dict[str, Any]) -> str:
+    addr = f"{a['address']}/{a['prefix']}" if a.get("prefix") is not None else a["address"]
+    where = a.get("interface") or a.get("mac")
+    return f"{addr} ({where}, {a['source']})" if where else f"{addr} ({a['source']})"
 
 
 def _nic_line(nic: dict[str, Any]) -> str:
@@ -317,10 +354,17 @@ def _qmp_status(st: dict[str, Any]) -> str:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from qlaunch.vm import stop
+
     _no_cmd(args)
+    modes = stop.check_modes([m.strip() for m in args.mode.split(",")])
     vm = _vm(args.name)
-    report = vm.stop(
-        timeout=args.timeout, force=args.force, on_step=lambda m: output.note(f"{vm.name}: {m}")
+    report = stop.stop(
+        vm,
+        timeout=args.timeout,
+        force=args.force,
+        on_step=lambda m: output.note(f"{vm.name}: {m}"),
+        modes=modes,
     )
     if args.json:
         output.emit_json(report.to_json())
@@ -336,7 +380,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     _no_cmd(args)
     for name in args.names:
-        VM(name).remove(force=args.force)
+        VM(name).remove(force=args.force, keep_data=args.keep_data)
     return 0
 
 
