@@ -46,6 +46,23 @@ def on_tty(*args: str, timeout: float = 300) -> tuple[int, str, str]:
             os.close(follower)
 
 
+def render(screen: str) -> list[str]:
+    """What a terminal shows in the end: \r goes back to the line's start, text overwrites."""
+    lines: list[list[str]] = [[]]
+    col = 0
+    for ch in screen:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append([])
+            col = 0
+        else:
+            line = lines[-1]
+            line[col : col + 1] = [ch]
+            col += 1
+    return ["".join(ln).rstrip() for ln in lines]
+
+
 def redraws(screen: str, label: str) -> list[str]:
     return [d for d in screen.replace("\r\n", "\n").split("\r") if d.startswith(label)]
 
@@ -64,9 +81,9 @@ def test_save_and_restore_show_progress_on_a_terminal_only(vmroot: Path) -> None
     ram = re.compile(r"  +(\d+)%  ([\d.]+) MiB of (38[4-9]\.\d) MiB  [\d.]+ s")
     seen = [m.groups() for d in draws if (m := ram.search(d))]
     assert seen and seen[-1][0] == "100" and seen[-1][1] == seen[-1][2], draws
-    # the note comes on a line of its own, after the progress line was cleared
-    assert "\nqlaunch: prog: saved to" in screen.replace("\r", "\n")
-    assert screen.rstrip().splitlines()[-1].split("\r")[-1].startswith("qlaunch: prog: saved to")
+    # In the end the terminal shows the note alone: the progress line made way and was cleared.
+    shown = render(screen)
+    assert shown[0].startswith("qlaunch: prog: saved to") and shown[1:] == [""], shown
 
     code, out, screen = on_tty("restore", str(saved))
     assert code == 0 and out.strip() == "prog", screen
@@ -92,9 +109,8 @@ def test_assets_fetch_steps_on_a_terminal(vmroot: Path) -> None:  # noqa: F811
     # The x86_64 set is in the cache (make setup fetched it): one step, "present", kept.
     code, _, screen = on_tty("assets", "fetch", "--arch", "x86_64")
     assert code == 0, screen
-    lines = screen.replace("\r\n", "\n").split("\n")
-    shown = [ln.split("\r")[-1].rstrip() for ln in lines if ln]
-    assert shown[-1].startswith("qlaunch: x86_64: present ("), shown
-    assert shown[-1].endswith(" s")  # with the step's time
+    shown = render(screen)
+    assert shown[-1] == "" and shown[-2].startswith("qlaunch: x86_64: present ("), shown
+    assert shown[-2].endswith(" s")  # the step keeps its line, with its time
     r = ok("assets", "fetch", "--arch", "x86_64")
     assert r.stderr.startswith("qlaunch: x86_64: present (") and "\r" not in r.stderr
