@@ -30,7 +30,7 @@ from qlaunch.config.profile import CloudInit, Disk, Profile
 from qlaunch.errors import ProfileError, QemuError
 from qlaunch.launch.argv import esc
 from qlaunch.spawn import spawn
-from qlaunch.storage import image
+from qlaunch.storage import image, outfile
 from qlaunch.storage.holders import ImageInUse, describe, locked_path
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ def prepare_disks(
             _check_creatable(profile, i, d, path)
             create.append((i, d, path))
             continue
+        what = outfile.kind(path)
+        if what not in (None, "a block device"):
+            where = f"{profile.source}: [[disk]] #{i} path"
+            raise ProfileError(f"{where}: {path} is {what}, not an image")
         if d.interface == "sd":
             _check_sd_size(profile, i, d, path)
         if d.media != "cdrom":

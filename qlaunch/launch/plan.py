@@ -11,12 +11,13 @@ the entries run the plan's argv as it is, so what cmdline shows is what runs.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
-from qlaunch.errors import HostError, UsageError
+from qlaunch.errors import HostError, ProfileError, UsageError
 from qlaunch.launch.argv import (
     Port,
     Runtime,
@@ -192,8 +193,20 @@ def tpm_helper(profile: Profile, host: HostFacts, rt: Runtime) -> Helper | None:
     return Helper("TPM 2.0 emulator (swtpm)", argv, rt.tpm, state, log)
 
 
+def _check_binary(profile: Profile) -> None:
+    """[qemu] binary is the user's word: a missing one is bad input (the default binary's
+    absence is the host's, said with an apt hint when QEMU cannot start)."""
+    b = profile.qemu_binary
+    if b and not (shutil.which(b) if "/" not in b else os.access(b, os.X_OK)):
+        raise ProfileError(
+            f"{profile.source}: [qemu] binary: {b} is not an executable here",
+            hint="give the path of a qemu-system-* binary, or drop the key for the default",
+        )
+
+
 def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchPlan:
     check_entry(entry)
+    _check_binary(profile)
     accel, note = choose_accel(profile, host)
     argv = build_argv(profile, host, rt)
     fw = firmware_for(profile, host)

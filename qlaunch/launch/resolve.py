@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from qlaunch import paths
 from qlaunch.config.profile import Profile
 from qlaunch.errors import AssetError, ProfileError
+from qlaunch.storage import outfile
 
 log = logging.getLogger(__name__)
 
@@ -101,4 +102,7 @@ def _missing(profile: Profile, what: str, path: str) -> None:
             f"{profile.source}: [boot] {what}: {path} is not there",
             hint=f"run: qlaunch assets fetch --arch {s}",
         )
+    there = outfile.kind(path)
+    if there not in (None, "missing"):
+        raise ProfileError(f"{profile.source}: [boot] {what}: {path} is {there}, not a file")
     raise ProfileError(f"{profile.source}: [boot] {what}: {path} does not exist")

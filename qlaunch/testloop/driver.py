@@ -32,6 +32,7 @@ from typing import IO, Any, Protocol
 
 from qlaunch.boot import protocol
 from qlaunch.errors import AssetError, ProfileError, QemuError, QlaunchError, UsageError
+from qlaunch.storage import outfile
 from qlaunch.testloop import console as con
 
 log = logging.getLogger(__name__)
@@ -243,9 +244,7 @@ def _resolve_kernel(ref: str | None, profile_kernel: str | None) -> _Kernel:
             return _Kernel(aset.kernel, aset, f"asset:{set_name}")
         path = Path(resolve.asset_path(ref, paths.cache_dir(), "--kernel"))
         return _Kernel(path, None, ref)
-    path = Path(ref).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--kernel {ref}: no such file")
+    path = outfile.require_file(Path(ref).expanduser(), "--kernel")
     # The asset cache's own kernel given by path still brings its modules and config.
     real = path.resolve()
     root = assets.assets_root().resolve()
