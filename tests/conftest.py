@@ -36,6 +36,8 @@ def _isolated_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     monkeypatch.setenv("QLAUNCH_CONFIG", str(tmp_path_factory.mktemp("config")))
     # Persistent VM data (UEFI variables, TPM state, autostart definitions) likewise.
     monkeypatch.setenv("QLAUNCH_DATA", str(tmp_path_factory.mktemp("data")))
+    # Autostart writes systemd units: never into the host's /etc/systemd/system from a test.
+    monkeypatch.setenv("QLAUNCH_SYSTEMD_DIR", str(tmp_path_factory.mktemp("systemd")))
     os.environ.setdefault("QLAUNCH_TEST", "1")
 
 

@@ -557,6 +557,12 @@ class VM:
                     raise
                 shutil.rmtree(self.dir)  # no readable record: no process of ours to find
                 return
+            if not keep_data and (paths.vm_data_dir(self.name) / "definition.json").exists():
+                # Its autostart unit would fail at the next boot without the definition.
+                raise StateError(
+                    f"VM {self.name} starts at boot (autostart), from its saved definition",
+                    hint=f"qlaunch autostart disable {self.name} first, or rm --keep-data",
+                )
             if live.alive:
                 if not force:
                     raise StateError(
@@ -1039,6 +1045,8 @@ def _write_plan(d: Path, prof: Profile, facts: Any, a: _StartArgs, rt: Any) -> N
             "accel": launch.accel,
             "command": list(a.cmd) if a.cmd else None,
             "profile": prof.raw,
+            # Relative paths in the profile were taken from here (autostart starts there).
+            "cwd": os.getcwd(),
         },
     )
 
@@ -1063,7 +1071,7 @@ class SupervisorHandle:
         go_r, self.go_w = os.pipe()
         env = dict(os.environ)
         # -S (no site) keeps the supervisor small; it needs only the standard library and us.
-        pkg_root = str(Path(state.__file__).resolve().parent.parent)
+        pkg_root = str(Path(state.__file__).resolve().parents[2])  # qlaunch/vm/state.py
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
         argv = [sys.executable, "-S", "-m", "qlaunch.vm.supervisor"]
         argv += [str(d), str(ready_w), str(go_r)]

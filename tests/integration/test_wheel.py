@@ -104,3 +104,9 @@ def test_wheel_in_a_fresh_venv_lists_and_runs_the_shipped_profiles(tmp_path: Pat
     assert "default" in listed and set(shipped) <= set(listed), r.stdout
     r = run(str(venv / "bin/qlaunch"), "run", "default", "--", "true")
     assert r.returncode == 0, r.stderr[-3000:]
+    # A background VM: its supervisor (python -S -m qlaunch.vm.supervisor) finds the package
+    # where the wheel put it, from a directory that is not the checkout.
+    r = run(str(venv / "bin/qlaunch"), "start", "default", "--name", "wheel")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(str(venv / "bin/qlaunch"), "rm", "--force", "wheel")
+    assert r.returncode == 0, r.stderr[-3000:]
