@@ -721,6 +721,7 @@ def _launch(
     netns: str | None = None,
     entry: str = "start",
     hotplug: Sequence[str] = (),
+    uuid: str | None = None,
 ) -> VM:
     from qlaunch.config import profile as profmod
     from qlaunch.launch import argv as argvmod
@@ -766,7 +767,7 @@ def _launch(
                     d,
                     prof,
                     facts,
-                    _StartArgs(entry, restart, cmd, paused, fds, cleanup, runas, hotplug),
+                    _StartArgs(entry, restart, cmd, paused, fds, cleanup, runas, hotplug, uuid),
                     note,
                     early,
                     ns,
@@ -835,8 +836,10 @@ def start_for_restore(
     lock_timeout: float,
     base: Path | None,
     runas: str | None,
+    uuid: str | None = None,
 ) -> VM:
-    """A start whose QEMU waits for an incoming migration (qlaunch.vm.migrate.restore)."""
+    """A start whose QEMU waits for an incoming migration (qlaunch.vm.migrate.restore).
+    uuid: the VM's own, when it moves here from another host (qlaunch.vm.livemigrate)."""
     return _launch(
         profile,
         name,
@@ -852,6 +855,7 @@ def start_for_restore(
         runas=runas,
         entry="restore",
         hotplug=hotplug,
+        uuid=uuid,
     )
 
 
@@ -907,6 +911,7 @@ class _StartArgs:
     cleanup: Sequence[Mapping[str, Any]]
     runas: str | None
     hotplug: Sequence[str]
+    uuid: str | None = None  # kept by a VM that moves between hosts; else a new one
 
 
 def _build_and_run(
@@ -935,7 +940,7 @@ def _build_and_run(
             hooks.append(res.hook)
         all_fds = [*a.fds, *(nics.fds if nics else [])]
         mon_fd = next(n for n in range(3, 1 << 16) if n not in all_fds)
-        uuid = new_uuid()
+        uuid = a.uuid or new_uuid()
         rt = _wire(d, a, files, disk_paths, nics, res, uuid=uuid, monitor_fd=mon_fd)
         _write_plan(d, prof, facts, a, rt)
         extras.make_files(prof, facts, rt)
