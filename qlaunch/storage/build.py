@@ -432,6 +432,12 @@ def mmdebstrap_argv(spec: Spec, target: str, fstab_file: str | None = None) -> l
     ]
 
 
+def _grub_serial(spec: Spec) -> bool:
+    """GRUB's own serial terminal: on BIOS only. Its console draws on VGA alone there, while
+    UEFI firmware already copies the console to the serial port (both would draw twice)."""
+    return spec.firmware == "bios"
+
+
 def grub_defaults(spec: Spec) -> str:
     lines = [
         "# Written by qlaunch image build: the serial console, a short menu.",
@@ -439,8 +445,7 @@ def grub_defaults(spec: Spec) -> str:
         f'GRUB_CMDLINE_LINUX="{kernel_args(spec)}"',
         'GRUB_CMDLINE_LINUX_DEFAULT=""',
     ]
-    if spec.arch == "x86_64":
-        # SeaBIOS and GRUB's own console draw on VGA only; the menu goes to COM1 as well.
+    if _grub_serial(spec):
         lines += ['GRUB_TERMINAL="console serial"', 'GRUB_SERIAL_COMMAND="serial --speed=115200"']
     return "\n".join(lines) + "\n"
 
@@ -535,7 +540,7 @@ def grub_cfg(spec: Spec, root_uuid: str, kver: str) -> str:
         "set default=0",
         "set timeout=1",
     ]
-    if spec.arch == "x86_64":
+    if _grub_serial(spec):
         lines += [
             "serial --speed=115200",
             "terminal_input console serial",
