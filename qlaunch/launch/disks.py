@@ -44,11 +44,13 @@ def prepare_disks(
     *,
     note: Callable[[str], None] | None = None,
     make: bool = True,
+    check_locks: bool = True,
 ) -> tuple[str, ...]:
     """Per-disk paths for the argv, absolute; creates what `size` asks for and the seed ISO.
 
     Everything is checked before anything is made, so a refusal leaves no file behind;
-    make=False (`qlaunch cmdline`) stops after the checks.
+    make=False (`qlaunch cmdline`) stops after the checks. check_locks=False: the disks are
+    shared with the QEMU this VM migrates from, which holds them until the switch-over.
     """
     paths: list[str] = []
     create: list[tuple[int, Disk, str]] = []
@@ -68,7 +70,7 @@ def prepare_disks(
             raise ProfileError(f"{where}: {path} is {what}, not an image")
         if d.interface == "sd":
             _check_sd_size(profile, i, d, path)
-        if d.media != "cdrom":
+        if d.media != "cdrom" and check_locks:
             check_lock(path, d.format, write=not (d.readonly or d.snapshot), label=f"disk #{i}")
     seed_files = _seed_inputs(profile, profile.cloud_init) if profile.cloud_init else None
     if not make:

@@ -722,6 +722,7 @@ def _launch(
     entry: str = "start",
     hotplug: Sequence[str] = (),
     uuid: str | None = None,
+    shared_disks: bool = False,
 ) -> VM:
     from qlaunch.config import profile as profmod
     from qlaunch.launch import argv as argvmod
@@ -767,7 +768,18 @@ def _launch(
                     d,
                     prof,
                     facts,
-                    _StartArgs(entry, restart, cmd, paused, fds, cleanup, runas, hotplug, uuid),
+                    _StartArgs(
+                        entry,
+                        restart,
+                        cmd,
+                        paused,
+                        fds,
+                        cleanup,
+                        runas,
+                        hotplug,
+                        uuid,
+                        shared_disks,
+                    ),
                     note,
                     early,
                     ns,
@@ -837,9 +849,11 @@ def start_for_restore(
     base: Path | None,
     runas: str | None,
     uuid: str | None = None,
+    shared_disks: bool = False,
 ) -> VM:
     """A start whose QEMU waits for an incoming migration (qlaunch.vm.migrate.restore).
-    uuid: the VM's own, when it moves here from another host (qlaunch.vm.livemigrate)."""
+    uuid: the VM's own, when it moves here from another host (qlaunch.vm.livemigrate);
+    shared_disks: its disks are in use by the QEMU it moves from (no lock check)."""
     return _launch(
         profile,
         name,
@@ -856,6 +870,7 @@ def start_for_restore(
         entry="restore",
         hotplug=hotplug,
         uuid=uuid,
+        shared_disks=shared_disks,
     )
 
 
@@ -912,6 +927,7 @@ class _StartArgs:
     runas: str | None
     hotplug: Sequence[str]
     uuid: str | None = None  # kept by a VM that moves between hosts; else a new one
+    shared_disks: bool = False  # its disks are held by the QEMU it migrates from
 
 
 def _build_and_run(
@@ -930,7 +946,11 @@ def _build_and_run(
 
     name = d.name
     files = resolve.boot_files(prof, list(a.cmd) if a.cmd else None, d)
-    disk_paths = disks.prepare_disks(prof, d, note=note) if prof.disks else ()
+    disk_paths = (
+        disks.prepare_disks(prof, d, note=note, check_locks=not a.shared_disks)
+        if prof.disks
+        else ()
+    )
     hooks = [dict(h) for h in a.cleanup]
     with contextlib.ExitStack() as fds_open, contextlib.ExitStack() as undo:
         nics = _prepare_nics(prof, name, ns, hooks, undo, fds_open)
