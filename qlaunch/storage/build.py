@@ -360,9 +360,12 @@ def _run(
         proc.stdout.close()
     if rc != 0:
         tail = log.tail()
-        last = next((ln for ln in reversed(tail) if not ln.startswith("$ ")), "")
+        said = [ln for ln in tail if not ln.startswith("$ ")]
+        # apt and mmdebstrap: the first error is the cause, the later ones its echoes.
+        errors = [ln for ln in said if ln.startswith("E: ")]
+        cause = (errors or said[-1:] or ["no message"])[0].strip()
         raise BuildError(
-            f"{what} failed (exit {rc}): {last.strip() or 'no message'}",
+            f"{what} failed (exit {rc}): {cause}",
             hint="the tool's last lines are shown above",
             log_tail=tail,
         )

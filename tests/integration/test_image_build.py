@@ -140,6 +140,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("qlaunch: error: mmdebstrap failed (exit "), r.stderr
+    assert "E: Failed to fetch http://127.0.0.1:9/debian/" in last
     assert "  | " in r.stderr  # the tool's last lines come before it
     assert "[1/5]" not in r.stderr  # no progress when stderr is not a terminal
     assert "Traceback" not in r.stderr
