@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from qlaunch.remote.host import Host
     from qlaunch.testloop.driver import ExecSpec, Result
     from qlaunch.testloop.driver import exec as exec  # noqa: A004
 
-__all__ = ["ExecSpec", "Result", "__version__", "exec"]
+__all__ = ["ExecSpec", "Host", "Result", "__version__", "exec"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +21,9 @@ def __getattr__(name: str) -> Any:
         from qlaunch.testloop import driver as testloop
 
         return getattr(testloop, name)
+    if name == "Host":
+        # Another host's VMs over ssh: qlaunch.Host("ssh://root@web1").
+        from qlaunch.remote.host import Host
+
+        return Host
     raise AttributeError(f"module 'qlaunch' has no attribute {name!r}")

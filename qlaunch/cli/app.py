@@ -26,13 +26,15 @@ from qlaunch.cli.commands import (
     control,
     core,
     image,
+    migrate,
     net,
+    remote,
     screenshot,
     ssh,
     vm,
 )
 from qlaunch.cli.commands import exec as exec_
-from qlaunch.errors import QlaunchError
+from qlaunch.errors import QlaunchError, UsageError
 
 COMMAND_MODULES = [
     core,
@@ -46,6 +48,7 @@ COMMAND_MODULES = [
     ssh,
     screenshot,
     autostart,
+    migrate,
     exec_,
 ]
 
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qlaunch {__version__}")
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
+    # Read by main() before parsing (qlaunch.cli.commands.remote); here for --help.
+    parser.add_argument("--connect", metavar="URI", help=remote.HELP)
+    parser.add_argument("--local-profile", metavar="FILE", action="append", help=remote.LOCAL_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -116,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        connect, local_profiles, args_list = remote.split(args_list)
+        connect = remote.wanted(connect)
+        if connect is not None or local_profiles:
+            return _remote(connect, args_list, local_profiles)
+    except QlaunchError as e:
+        output.error(e.message, e.hint)
+        return e.exit_code
     end = args_list.index("--") if "--" in args_list else len(args_list)
     # For run, start and exec everything after `--` is the guest's command, never qlaunch's
     # options. For every other command `--` means what it means to any Unix tool, the end of
@@ -164,6 +178,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    finally:
+        for signum, old in handlers.items():
+            signal.signal(signum, old)
+
+
+def _remote(uri: str | None, args: list[str], profiles: list[str]) -> int:
+    """The whole command runs on the host at uri (qlaunch.cli.commands.remote)."""
+    if uri is None:
+        raise UsageError("--local-profile goes with --connect", hint="qlaunch --help")
+    if "--debug" in args:
+        logging.basicConfig(level=logging.DEBUG, format="qlaunch: %(name)s: %(message)s")
+    handlers = _catch_termination()
+    try:
+        return remote.forward(uri, args, profiles)
+    except _Terminated as e:
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        return 130
     finally:
         for signum, old in handlers.items():
             signal.signal(signum, old)
