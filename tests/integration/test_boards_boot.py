@@ -173,7 +173,7 @@ def test_vexpress_qemu_leaves_stderr_empty(qlaunch_bin: list[str]) -> None:
         text=True,
         check=True,
     ).stdout
-    argv: list[str] = json.loads(out)
+    argv: list[str] = json.loads(out)["argv"]
     i = argv.index("-chardev")
     argv[i + 1] = "null,id=console"
     j = argv.index("-mon")
