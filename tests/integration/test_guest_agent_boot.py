@@ -36,6 +36,7 @@ class Guest:
     name: str
     profile: Path
     dir: Path
+    port: int  # the host end of the forward to guest port 22
     booted_in: float  # seconds from `qlaunch start` to the first ssh command that worked
 
 
@@ -83,6 +84,7 @@ def guest() -> Iterator[Guest]:
             check=True,
         )
         pub = (work / "id.pub").read_text().strip()
+        port = _free_port()
         profile = work / "deb.toml"
         profile.write_text(
             f"""\
@@ -94,13 +96,13 @@ smp = 2
 path = "{disk}"
 [[net]]
 mode = "user"
-forward = ["tcp:127.0.0.1:{_free_port()}-:22"]
+forward = ["tcp:127.0.0.1:{port}-:22"]
 [cloud-init]
 hostname = "agenttest"
 ssh_authorized_keys = [{json.dumps(pub)}]
 """
         )
-        g = Guest("deb", profile, root / "deb", 0.0)
+        g = Guest("deb", profile, root / "deb", port, 0.0)
         g.booted_in = _boot(g)
         print(f"\nboot to ssh: {g.booted_in:.1f} s")
         yield g
@@ -190,8 +192,13 @@ def test_ssh_passes_the_exit_status_and_runs_through_the_remote_shell(guest: Gue
     assert r.returncode == 7, r.stderr
     r = ql("ssh", guest.name, "--", "echo $((6 * 7)) | tr 4 x")
     assert r.returncode == 0 and r.stdout.strip() == "x2", (r.stdout, r.stderr)
-    # Host keys went to the VM's own known_hosts, not the user's.
-    assert (guest.dir / "known_hosts").read_text().startswith("[127.0.0.1]:")
+    # Host keys went to the VM's own known_hosts (hashed or not, as ssh_config says).
+    r = subprocess.run(
+        ["ssh-keygen", "-F", f"[127.0.0.1]:{guest.port}", "-f", str(guest.dir / "known_hosts")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "ssh-ed25519" in r.stdout, r
     r = ql("ssh", guest.name, "--user", "nobody-here", "--", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
 
