@@ -65,9 +65,9 @@ class Target:
         return hashlib.sha1(ident.encode()).hexdigest()[:20]
 
 
-def parse(text: str) -> Target:
-    """A Target, or UsageError saying what is wrong with text."""
-    bad = f"--connect {text!r}"
+def parse(text: str, what: str = "--connect") -> Target:
+    """A Target, or UsageError saying what is wrong with text (what: how to name it)."""
+    bad = f"{what} {text!r}"
     try:
         u = urlsplit(text)
         port = u.port

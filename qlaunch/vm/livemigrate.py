@@ -55,6 +55,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -145,7 +146,7 @@ def migrate(
         raise UsageError("--max-downtime must be more than 0 ms")
     if bandwidth_mib is not None and bandwidth_mib <= 0:
         raise UsageError("--bandwidth must be more than 0 MiB/s")
-    target = urimod.parse(uri)
+    target = urimod.parse(uri, "migrate: URI")
     t0 = time.monotonic()
     vm = VM.get(name, base)
     conn = transport.Connection(target, base)
@@ -565,9 +566,31 @@ class _Channel:
     stderr is ours."""
 
     def __init__(self, conn: Connection) -> None:
+        import threading
+
         self.where = conn.target.where
-        self.proc = conn.spawn(["migrate-incoming"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = conn.spawn(
+            ["migrate-incoming"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self._buf = b""
+        self.error_line: str | None = None  # an error qlaunch there printed instead of a reply
+        self._pump = threading.Thread(target=self._stderr, daemon=True)
+        self._pump.start()
+
+    def _stderr(self) -> None:
+        """What it says on stderr is ours to show, but for an error line (the remote shell's
+        `no qlaunch there`, an early failure): that becomes the error here, said once."""
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("qlaunch: error: "):
+                self.error_line = line
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    print(line, file=sys.stderr, flush=True)
 
     def send(self, msg: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -581,6 +604,11 @@ class _Channel:
         msg = self.receive_or_eof(timeout, step)
         if msg is None:
             code = self.proc.wait()
+            self._pump.join(5)
+            if self.error_line is not None:
+                from qlaunch.remote.host import error_from
+
+                raise error_from(code, self.error_line)
             raise HostError(
                 f"{self.where} ended the migration at {step} (its qlaunch exited {code})",
                 hint="an older qlaunch there? `qlaunch --connect URI --version`",
@@ -622,8 +650,10 @@ class _Channel:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._pump.join(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
 
 
 # ---- the destination -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,27 @@ from qlaunch.vm import state
 
 VENV_QLAUNCH = str(Path(sys.executable).parent / "qlaunch")
 SSHD = "/usr/sbin/sshd"
+
+
+TICK = re.compile(rb"tick-(\d+)-end\r?\n")
+COUNTER = "(i=0; while :; do i=$((i+1)); echo tick-$i-end; sleep 1; done) &"
+
+
+def ql(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VENV_QLAUNCH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("qlaunch: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[-1]
+
+
+def nothing_of(host: Host, name: str) -> None:
+    """No trace of VM name on host: no state directory, no persistent data."""
+    assert not (host.state / name).exists(), sorted(p.name for p in host.state.iterdir())
+    assert not (host.data / "vms" / name).exists()
 
 
 def sh(*args: str) -> str:
