@@ -10,6 +10,15 @@ from qlaunch.cli import output
 from qlaunch.cli.argtypes import positive
 from qlaunch.errors import UsageError
 
+DESCRIPTION = """\
+Run one command of the QEMU guest agent (qemu-ga) in VM NAME; JSON-ARGS is a JSON object
+of arguments. Timeouts by command: 5 s for queries (guest-ping, guest-info,
+guest-network-get-interfaces...), 120 s for fsfreeze and fstrim, 30 s for the rest.
+guest-shutdown has no answer: it prints {} once sent. Exit 5 when no agent answers (none
+installed in the guest, or it is still booting), 1 when the agent refuses the command, 2
+for a command or arguments it does not know.
+"""
+
 EXAMPLES = """\
 examples:
   qlaunch agent web guest-ping                       {} when the agent answers; exit 5 if none
@@ -25,11 +34,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "agent",
         help="run one QEMU guest agent command; prints its answer as JSON",
-        description="Run one command of the QEMU guest agent (qemu-ga) in VM NAME. "
-        "JSON-ARGS is a JSON object of arguments. Timeouts by command: 5 s for queries "
-        "(guest-ping, guest-info, guest-network-get-interfaces...), 120 s for fsfreeze and "
-        "fstrim, 30 s for the rest. guest-shutdown has no answer: it prints {} once sent. "
-        "Exit 5 when no agent answers (none installed in the guest, or it is still booting).",
+        description=DESCRIPTION,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

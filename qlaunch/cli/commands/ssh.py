@@ -12,6 +12,20 @@ from typing import Any
 from qlaunch.cli.argtypes import non_negative, positive
 from qlaunch.errors import HostError, StateError
 
+DESCRIPTION = """\
+Run the system's ssh into VM NAME: through a user-mode forward to guest port 22, else to
+the guest's address on a qlaunch network or host bridge (from its guest agent, else its
+DHCP lease), inside the VM's network namespace when it has one.
+
+Key: -i, else the private key (in ~/.ssh or the profile's directory) whose .pub is one of
+the profile's [cloud-init] ssh_authorized_keys, else ssh's own choice. Host keys are kept
+in the VM's state directory and accepted the first time.
+
+CMD goes to ssh as words, which ssh joins with spaces for the guest's shell, as plain ssh
+does: quote what the remote shell must not split. The exit status is ssh's: the command's,
+or 255 when ssh itself failed.
+"""
+
 EXAMPLES = """\
 examples:
   qlaunch ssh web                             a shell (user debian)
@@ -25,15 +39,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "ssh",
         help="ssh into a running VM (finds the port forward or address, the key)",
-        description="Run the system's ssh into VM NAME: through a user-mode forward to "
-        "guest port 22, else to the guest's address on a qlaunch network or host bridge (from "
-        "its guest agent, else its DHCP lease), inside the VM's network namespace when it has "
-        "one. Key: -i, else the private key (in ~/.ssh or the profile's directory) whose .pub "
-        "is one of the profile's [cloud-init] ssh_authorized_keys, else ssh's own choice. "
-        "Host keys are kept in the VM's state directory and accepted the first time. "
-        "CMD goes to ssh as words, which ssh joins with spaces for the guest's shell (as "
-        "plain ssh does: quote what the remote shell must not split). The exit status is "
-        "ssh's: the command's, or 255 when ssh itself failed.",
+        usage="qlaunch ssh [-h] [--user USER] [-i KEY] [--wait S] [--connect-timeout S] "
+        "NAME [-- CMD...]",
+        description=DESCRIPTION,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
