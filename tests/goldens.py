@@ -29,7 +29,12 @@ FIRMWARE = tuple(
         exists=lambda p: not p.endswith("AAVMF_CODE.secboot.fd"),
     )
 )
-FW = {"firmware": FIRMWARE, "swtpm": "/usr/bin/swtpm"}
+FW = {
+    "firmware": FIRMWARE,
+    "swtpm": "/usr/bin/swtpm",
+    "virtiofsd": "/usr/lib/qemu/virtiofsd",
+    "root": True,
+}
 NO_KVM = HostFacts(arch="x86_64", kvm=Verdict(False, "/dev/kvm is provided by kvm_pvm"), **FW)
 HW_KVM = HostFacts(arch="x86_64", kvm=Verdict(True, "/dev/kvm works (kvm_intel)"), **FW)
 ARM_KVM = HostFacts(arch="aarch64", kvm=Verdict(True, "/dev/kvm works (kvm)"), **FW)
@@ -38,10 +43,10 @@ HOSTS = {"": NO_KVM, "kvm": HW_KVM, "armkvm": ARM_KVM, "tsc": TSC}
 
 # Beyond `run`, which every case has: the entries each case is also rendered for.
 MORE_ENTRIES = {
-    "default": ("start", "exec", "restore", "exec-share"),
+    "default": ("start", "exec", "restore", "exec-console", "exec-share", "exec-9p"),
     "x86_64-q35": ("start", "exec"),
     "x86_64-microvm": ("start", "exec"),
-    "aarch64-virt": ("start", "exec", "exec-share"),
+    "aarch64-virt": ("start", "exec", "exec-share", "exec-9p"),
     "arm-virt": ("start", "exec"),
     "vexpress-a9": ("start", "exec"),
     "vexpress-a15": ("exec",),
@@ -55,6 +60,7 @@ MORE_ENTRIES = {
     "uefi-secure-tpm": ("start",),
     "aarch64-uefi": ("start",),
     "bios-install": ("start",),
+    "shares": ("start",),
 }
 
 
@@ -63,7 +69,7 @@ class Case:
     name: str  # the golden file's stem: CASE or CASE.ENTRY
     path: Path
     host: str
-    entry: str  # run, start, exec, restore, exec-share
+    entry: str  # run, start, exec, restore; exec-console, exec-share, exec-9p
 
 
 def cases() -> list[Case]:
@@ -78,9 +84,11 @@ def cases() -> list[Case]:
     return out
 
 
-def exec_transport(prof: Profile) -> str:
-    """What exec picks for a kernel that has the virtio console (the Debian ones do)."""
-    return "ports" if prof.board.virtio else "console"
+def exec_transport(prof: Profile, entry: str) -> str:
+    """What exec picks: virtio console ports for a kernel with the virtio console built in
+    (exec), framed console lines for one that has it as a module, as Debian's kernels do
+    (exec-console, and the share cases, which stand for a Debian kernel)."""
+    return "ports" if prof.board.virtio and entry == "exec" else "console"
 
 
 def render(
@@ -105,10 +113,13 @@ def render(
     append: tuple[str, ...] = ()
     ports = None
     if entry == "exec":
-        transport = exec_transport(prof)
+        transport = exec_transport(prof, case.entry)
+        sock = f"{data or plan.TMP}/virtiofs0.sock"
         if case.entry == "exec-share":
-            shares = (Share("qlshare0", share_dir),)
-        append = protocol.exec_kernel_args(transport, [(s.tag, s.path) for s in shares])
+            shares = (Share("qlshare0", share_dir, kind="virtiofs", socket=sock, guest=share_dir),)
+        elif case.entry == "exec-9p":
+            shares = (Share("qlshare0", share_dir, guest=share_dir),)
+        append = protocol.exec_kernel_args(transport)
         ports = tuple(Port(p, fds.get(p)) for p in protocol.PORTS) if transport == "ports" else ()
     rt = plan.wire(
         entry,

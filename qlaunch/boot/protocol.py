@@ -9,7 +9,6 @@ the console scanner and the plan all take their words from here.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 # Exit codes of `qlaunch exec` (and `run`'s 120), documented in the README. They sit in 117-125
 # so they miss the codes commands commonly use (0-2, 126-127 from the shell, 128+N for
@@ -30,6 +29,8 @@ FALLBACK_RE = re.compile(r"QLAUNCH_FALLBACK=(\S+)")
 NOTE_RE = re.compile(r"QLAUNCH_NOTE=(.*)")
 FRAME_OUT = b"QLAUNCH_O:"
 FRAME_ERR = b"QLAUNCH_E:"
+# Ends each framed stream, right after its last byte: a frame ending in it had no newline.
+FRAME_END = b"QLAUNCH_EOS"
 HALT_RE = re.compile(r"reboot: (System halted|Power down)")
 
 # The virtio console ports of exec, /dev/virtio-ports/qlaunch.NAME in the guest.
@@ -37,15 +38,13 @@ PORTS = ("stdout", "stderr", "status")
 TRANSPORTS = ("ports", "console")
 
 
-def exec_kernel_args(
-    transport: str, shares: Sequence[tuple[str, str]] = (), fail_on_warn: bool = False
-) -> tuple[str, ...]:
+def exec_kernel_args(transport: str, fail_on_warn: bool = False) -> tuple[str, ...]:
     """The kernel parameters exec gives the init: how to send output (ports or framed console
-    lines) and which 9p tags to mount where (shares: (tag, guest path))."""
+    lines). Which shares to mount where (qlaunch.9p=, qlaunch.virtiofs=) the kernel command
+    line gets from the launch's shares, as for any launch with qlaunch's initramfs."""
     # The boot-time crypto self-tests take about 0.2 s of a 1.5 s TCG boot; a test loop boots
     # often. --append cryptomgr.notests=0 (it comes later, so it wins) brings them back.
     args = ["cryptomgr.notests", f"qlaunch.exec={transport}"]
-    args += [f"qlaunch.9p={tag}:{guest}" for tag, guest in shares]
     if fail_on_warn:
         # `quiet` keeps KERN_WARNING off the console, and a WARNING is printed at that level.
         args.append("loglevel=5")

@@ -10,7 +10,7 @@ import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from qlaunch import paths
@@ -84,6 +84,21 @@ class Net:
 
 
 @dataclass(frozen=True)
+class Share:
+    """[[share]]: a host directory the guest mounts by its tag (qlaunch.launch.shares)."""
+
+    path: str
+    tag: str
+    guest: str
+    readonly: bool = False
+    type: str = "auto"  # auto, virtiofs, 9p
+
+
+# A virtio-9p mount tag is at most 31 bytes; the same names then work for both kinds.
+SHARE_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
+
+
+@dataclass(frozen=True)
 class Resources:
     """[resources]: what qlaunch.vm.resources applies on the host at start."""
 
@@ -122,6 +137,7 @@ class Profile:
     raw: dict[str, Any] = field(compare=False, repr=False)  # merged TOML, for the state record
     cloud_init: CloudInit | None = None
     resources: Resources = field(default_factory=Resources)
+    shares: tuple[Share, ...] = ()
 
     @property
     def board(self) -> boards.Board:
@@ -477,6 +493,7 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
     resources = Resources(
         tuple(r["cpu_affinity"]), r["cpu_limit"], r["memory_limit"], r["mem_merge"], r["hugepages"]
     )
+    shares = _shares(source, data, board)
     if b["initrd"] == "qlaunch" and not b["kernel"]:
         raise ProfileError(f'{source}: [boot] kernel: required with initrd = "qlaunch"')
     return Profile(
@@ -503,7 +520,41 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
         raw=data,
         cloud_init=cloud_init,
         resources=resources,
+        shares=shares,
     )
+
+
+def _shares(source: str, data: dict[str, Any], board: boards.Board) -> tuple[Share, ...]:
+    out: list[Share] = []
+    for n, e in enumerate(_entries(source, data, "share")):
+        where = f"{source}: [[share]] #{n}"
+        if not e["path"]:
+            raise ProfileError(f"{where} path: required")
+        if not board.virtio:
+            raise ProfileError(
+                f"{where}: {board.machine} has no virtio transport for a share",
+                hint="use a virt board (aarch64-virt, arm-virt) or an x86_64 profile",
+            )
+        tag = e["tag"] or f"share{n}"
+        if not SHARE_TAG_RE.match(tag):
+            raise ProfileError(
+                f"{where} tag: {tag!r} is not a mount tag (1 to 31 of A-Z a-z 0-9 _ . -)"
+            )
+        if any(x.tag == tag for x in out):
+            raise ProfileError(f"{where} tag: {tag!r} is the tag of an earlier [[share]]")
+        guest = e["guest"] or f"/mnt/{tag}"
+        g = PurePosixPath(guest)
+        if not g.is_absolute() or ".." in g.parts or any(c.isspace() for c in guest):
+            raise ProfileError(
+                f"{where} guest: {guest!r} must be an absolute path, without '..' or spaces"
+            )
+        if e["readonly"] and e["type"] == "virtiofs":
+            raise ProfileError(
+                f"{where} type: virtiofsd cannot export a directory read-only",
+                hint='set type = "9p" or "auto" for a read-only share',
+            )
+        out.append(Share(e["path"], tag, str(g), e["readonly"], e["type"]))
+    return tuple(out)
 
 
 def _format_from_name(path: str) -> str:

@@ -120,8 +120,8 @@ class Setting:
         return {str: "string", int: "integer", bool: "boolean"}.get(self.type, self.type.__name__)
 
 
-# Array tables: one profile may have several [[disk]] and [[net]] entries.
-ARRAY_SECTIONS = ("disk", "net")
+# Array tables: one profile may have several [[disk]], [[net]] and [[share]] entries.
+ARRAY_SECTIONS = ("disk", "net", "share")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("machine", "arch", str, "x86_64", "guest architecture", ("x86_64", "aarch64", "arm")),
@@ -281,6 +281,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("net", "bridge", str, None, "existing host bridge, for mode = bridge"),
     Setting("net", "ip", str, None, "static DHCP lease on a qlaunch network"),
     Setting("net", "smb", str, None, "user mode: share this host directory over SMB"),
+    Setting("share", "path", str, None, "host directory to share (required)"),
+    Setting(
+        "share",
+        "type",
+        str,
+        "auto",
+        "auto: virtiofs where the host has virtiofsd (and runs qlaunch as root), else 9p;"
+        " a read-only share is always 9p",
+        ("auto", "virtiofs", "9p"),
+    ),
+    Setting("share", "tag", str, None, "mount tag the guest mounts it by; default shareN"),
+    Setting(
+        "share",
+        "guest",
+        str,
+        None,
+        'where qlaunch\'s initramfs mounts it (initrd = "qlaunch"); default /mnt/TAG',
+    ),
+    Setting("share", "readonly", bool, False, "the guest cannot write (over 9p)"),
     Setting(
         "resources",
         "cpu_affinity",

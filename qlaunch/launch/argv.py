@@ -32,11 +32,15 @@ class Port:
 
 @dataclass(frozen=True)
 class Share:
-    """A host directory QEMU exports over 9p under a mount tag."""
+    """A host directory shared under a mount tag: exported by QEMU itself over 9p, or by a
+    virtiofsd (a plan helper) that QEMU reaches on a vhost-user socket."""
 
     tag: str
     path: str
     readonly: bool = False
+    kind: str = "9p"  # 9p or virtiofs
+    socket: str | None = None  # virtiofs: virtiofsd's socket (None: shown as a placeholder)
+    guest: str | None = None  # where qlaunch's guest init mounts it; None: it does not
 
 
 @dataclass(frozen=True)
@@ -65,12 +69,16 @@ class Runtime:
     monitor: bool = False  # the supervisor's private QMP monitor on an inherited socket
     monitor_fd: int | None = None
     ports: tuple[Port, ...] = ()  # exec: virtio console ports for stdout, stderr, status
-    shares: tuple[Share, ...] = ()  # exec: 9p shares
+    shares: tuple[Share, ...] = ()  # exec's --share and the profile's [[share]]
+    sockdir: str | None = None  # where helpers' sockets go (virtiofsd)
     hotplug: tuple[str, ...] = ()  # restore: the arguments of devices hotplugged before a save
     incoming: str | None = None  # restore: -incoming (defer: QMP migrate-incoming later)
     agent: str | None = None  # unix socket path for the guest agent's virtio port
     firmware_vars: str | None = None  # this VM's own UEFI variable store (a copy)
     tpm: str | None = None  # swtpm's control socket, for [machine] tpm
+    # q35's empty PCIe root ports for hotplug. exec has no monitor to plug anything with, and
+    # each port costs the guest's PCIe port driver about 0.1 s of a 2 s TCG boot.
+    hotplug_ports: bool = True
 
 
 # PCIe devices cannot be hotplugged onto the root bus: q35 gets this many empty root ports.
@@ -114,6 +122,8 @@ def kernel_cmdline(profile: Profile, rt: Runtime, tsc_khz: int | None = None) ->
         # The card is found after init starts; boards have one slot, so it is mmcblk0.
         args.append("qlaunch.waitdev=mmcblk0")
     args.extend(rt.append_extra)
+    if profile.boot.initrd == "qlaunch":
+        args += [f"qlaunch.{s.kind}={s.tag}:{s.guest}" for s in rt.shares if s.guest]
     if profile.boot.append:
         args.append(profile.boot.append)
     return " ".join(args)
@@ -129,7 +139,7 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
         argv += ["-uuid", rt.uuid]
     fw = firmware_for(profile, host)
     fwargs = firmware.qemu_args(fw, rt.firmware_vars or "<vars>") if fw else None
-    machine_opts = [*board.machine_opts, *_machine_res(profile)]
+    machine_opts = [*board.machine_opts, *_machine_res(profile, rt)]
     machine_opts += list(fwargs.machine_opts) if fwargs else []
     argv += ["-machine", ",".join([board.machine, *machine_opts])]
     argv += ["-accel", accel]
@@ -137,14 +147,22 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
     if cpu:
         argv += ["-cpu", cpu]
     argv += ["-smp", str(m.smp), "-m", f"{m.memory_mib}M"]
+    # virtiofsd reads and writes guest RAM itself: it must be shared memory.
+    shared = ",share=on" if _shared_ram(rt) else ""
     if profile.resources.hugepages:
         # prealloc: too few free hugepages fail the start, not the guest later (SIGBUS).
         mem_path = esc(rt.mem_path or "/dev/hugepages")
         argv += [
             "-object",
             f"memory-backend-file,id={RAM_BACKEND},size={m.memory_mib}M,mem-path={mem_path},"
-            "prealloc=on",
+            f"prealloc=on{shared}",
         ]
+    elif shared:
+        backend = f"memory-backend-memfd,id={RAM_BACKEND},size={m.memory_mib}M{shared}"
+        if profile.resources.mem_merge is not None:
+            # The machine's mem-merge applies only to the RAM QEMU makes itself.
+            backend += f",merge={'on' if profile.resources.mem_merge else 'off'}"
+        argv += ["-object", backend]
     argv += ["-nodefaults", "-no-user-config", "-no-reboot"]
     if fwargs:
         argv += list(fwargs.args)
@@ -179,7 +197,7 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
         argv += ["-audiodev", "none,id=snd0", "-global", f"{board.sound}.audiodev=snd0"]
     if board.virtio:
         argv += ["-device", _virtio(board.virtio, "virtio-rng")]
-    for i, port in enumerate(hotplug_port_ids(board)):
+    for i, port in enumerate(hotplug_port_ids(board) if rt.hotplug_ports else ()):
         argv += ["-device", f"pcie-root-port,id={port},chassis={i + 1}"]
     if rt.sandbox:
         # -runas needs setuid/setgid (7.2 kills QEMU with SIGSYS under elevateprivileges=deny
@@ -213,6 +231,16 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
 def _shares(board: Board, shares: tuple[Share, ...]) -> list[str]:
     argv: list[str] = []
     for i, s in enumerate(shares):
+        if s.kind == "virtiofs":
+            sock = esc(s.socket or f"<virtiofsd socket {i}>")
+            dev = _virtio(board.virtio or "pci", "vhost-user-fs")
+            argv += [
+                "-chardev",
+                f"socket,id=qlfs{i},path={sock}",
+                "-device",
+                f"{dev},chardev=qlfs{i},tag={esc(s.tag)}",
+            ]
+            continue
         fsdev = f"local,id=qlfs{i},path={esc(s.path)},security_model=none"
         if s.readonly:
             fsdev += ",readonly=on"
@@ -255,23 +283,32 @@ def _ports(board: Board, ports: tuple[Port, ...]) -> list[str]:
     return argv
 
 
-def _machine_res(profile: Profile) -> list[str]:
+def _machine_res(profile: Profile, rt: Runtime) -> list[str]:
     r = profile.resources
     opts = []
     if r.mem_merge is not None:
         opts.append(f"mem-merge={'on' if r.mem_merge else 'off'}")
-    if r.hugepages:
+    if r.hugepages or _shared_ram(rt):
         opts.append(f"memory-backend={RAM_BACKEND}")
     return opts
 
 
+def _shared_ram(rt: Runtime) -> bool:
+    return any(s.kind == "virtiofs" for s in rt.shares)
+
+
+# QEMU's name for a virtio device on each transport: virtio-blk-pci, -device (mmio), -ccw (s390x).
+_VIRTIO_SUFFIX = {"pci": "pci", "mmio": "device", "ccw": "ccw"}
+
+
 def _virtio(transport: str, device: str) -> str:
-    return f"{device}-{'device' if transport == 'mmio' else 'pci'}"
+    return f"{device}-{_VIRTIO_SUFFIX[transport]}"
 
 
 def _display(profile: Profile) -> list[str]:
     if profile.display == "vnc":
-        dev = "VGA" if profile.machine.arch == "x86_64" else "virtio-gpu-pci"
+        arch = profile.machine.arch
+        dev = "VGA" if arch in ("x86_64", "i386") else _virtio(profile.board.virtio, "virtio-gpu")
         return ["-display", "none", "-vnc", esc(profile.vnc), "-device", dev]
     return ["-display", "none"]
 

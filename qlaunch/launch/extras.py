@@ -49,27 +49,46 @@ def running(helpers: Sequence[Helper]) -> Iterator[None]:
             stop_child(proc, grace=2.0)
 
 
+PACKAGES = {"swtpm": "swtpm", "virtiofsd": "qemu-system-common"}
+
+
 def start(h: Helper) -> subprocess.Popen[bytes]:
     os.makedirs(h.state, mode=0o700, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(h.ready)  # a socket left by an earlier one that was killed
-    try:
-        proc = spawn(
-            h.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            # From the main thread only: preexec_fn is unsafe with threads (exec's matrix).
-            die_with_parent=threading.current_thread() is threading.main_thread(),
-        )
-    except FileNotFoundError:
-        raise HostError(f"{h.argv[0]} is not installed", hint="apt-get install swtpm") from None
+    # Its stderr goes to its log, not to a pipe no one reads once it runs: a helper that
+    # talks (virtiofsd warns per request) would fill the pipe and stall the guest's I/O.
+    with open(h.log, "ab") as log_file:
+        try:
+            proc = spawn(
+                h.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                # From the main thread only: preexec_fn is unsafe with threads (exec's matrix).
+                die_with_parent=threading.current_thread() is threading.main_thread(),
+            )
+        except FileNotFoundError:
+            package = PACKAGES.get(os.path.basename(h.argv[0]), os.path.basename(h.argv[0]))
+            raise HostError(
+                f"{h.argv[0]} is not installed", hint=f"apt-get install {package}"
+            ) from None
     deadline = time.monotonic() + READY_TIMEOUT
     while not os.path.exists(h.ready):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_child(proc, grace=1.0)
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            raise HostError(f"{h.what} did not start: {err.splitlines()[-1] if err else h.log}")
-        time.sleep(0.01)
+            err = _tail(h.log)
+            raise HostError(f"{h.what} did not start: {err or 'see ' + h.log}")
+        time.sleep(0.005)
     log.debug("%s ready (pid %d)", h.what, proc.pid)
     return proc
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

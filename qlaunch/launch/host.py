@@ -47,6 +47,8 @@ class HostFacts:
     # QEMU's firmware descriptors in priority order (boot.firmware reads and chooses them).
     firmware: tuple[firmware.Descriptor, ...] = ()
     swtpm: str | None = None  # the swtpm binary, for [machine] tpm
+    virtiofsd: str | None = None  # QEMU's C virtiofsd, for virtiofs shares
+    root: bool = False  # virtiofsd 7.2 sets up its sandbox only as root
 
     def kvm_for(self, guest_arch: str) -> Verdict:
         """KVM runs a guest only of the host's own architecture (said first: for a foreign
@@ -62,6 +64,7 @@ def host_arch() -> str:
 
 
 KVM_DEV = "/dev/kvm"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # Debian's qemu-system-common (QEMU 7.2 and older)
 
 
 def kvm_create_vm(dev: str) -> str | None:
@@ -127,6 +130,8 @@ def probe() -> HostFacts:
         tsc_khz=probe_tsc_khz(),
         firmware=tuple(firmware.load_descriptors()),
         swtpm=shutil.which("swtpm"),
+        virtiofsd=VIRTIOFSD if os.access(VIRTIOFSD, os.X_OK) else None,
+        root=os.geteuid() == 0,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
 from qlaunch.errors import HostError, ProfileError, UsageError
+from qlaunch.launch import shares as sharemod
 from qlaunch.launch.argv import (
     Port,
     Runtime,
@@ -49,8 +50,8 @@ class Made:
 
 @dataclass(frozen=True)
 class Helper:
-    """A process QEMU needs beside it (swtpm): started before QEMU, ready once `ready` (a
-    socket) exists, gone with QEMU (it ends when QEMU's connection closes)."""
+    """A process QEMU needs beside it (swtpm, virtiofsd): started before QEMU, ready once
+    `ready` (a socket) exists, gone with QEMU (it ends when QEMU's connection closes)."""
 
     what: str
     argv: tuple[str, ...]
@@ -72,6 +73,7 @@ class LaunchPlan:
     files: tuple[Made, ...]
     helpers: tuple[Helper, ...] = ()
     firmware: dict[str, Any] | None = None  # the choice: kind, code, vars template, descriptor
+    notes: tuple[str, ...] = ()  # one line each, for stderr: a share that fell back to 9p
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {
@@ -130,6 +132,7 @@ def wire(
         append_extra=nic_append,
         firmware_vars=f"{keep}/{VARS_FILE}",
         tpm=f"{here}/tpm.sock",
+        sockdir=here,
     )
     if background:
         d = here
@@ -152,7 +155,13 @@ def wire(
     if entry == "exec":
         if ports is None:
             ports = tuple(Port(p, None) for p in protocol.PORTS)
-        return replace(base, ports=ports, shares=shares, append_extra=(*nic_append, *exec_append))
+        return replace(
+            base,
+            ports=ports,
+            shares=shares,
+            append_extra=(*nic_append, *exec_append),
+            hotplug_ports=False,
+        )
     return base
 
 
@@ -193,6 +202,22 @@ def tpm_helper(profile: Profile, host: HostFacts, rt: Runtime) -> Helper | None:
     return Helper("TPM 2.0 emulator (swtpm)", argv, rt.tpm, state, log)
 
 
+def virtiofsd_helper(host: HostFacts, share: Share) -> Helper:
+    """virtiofsd for one virtiofs share: no state of its own (its socket's directory stands in
+    for one), ended by QEMU's closing its vhost-user connection."""
+    if host.virtiofsd is None:
+        raise HostError(sharemod.virtiofs_unusable(host) or "virtiofsd is not installed")
+    sock = share.socket or f"<virtiofsd socket for {share.tag}>"
+    share = replace(share, socket=sock)
+    return Helper(
+        f"virtiofsd for {share.tag} ({share.path})",
+        sharemod.virtiofsd_argv(host, share),
+        sock,
+        os.path.dirname(sock),
+        sharemod.helper_log(share),
+    )
+
+
 def _check_binary(profile: Profile) -> None:
     """[qemu] binary is the user's word: a missing one is bad input (the default binary's
     absence is the host's, said with an apt hint when QEMU cannot start)."""
@@ -208,9 +233,15 @@ def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchP
     check_entry(entry)
     _check_binary(profile)
     accel, note = choose_accel(profile, host)
+    notes: list[str] = []
+    if entry != "exec":
+        # exec wires the profile's shares itself, knowing what its kernel can mount.
+        own, notes = sharemod.from_profile(profile, host, rt.sockdir or TMP)
+        rt = replace(rt, shares=(*own, *rt.shares))
     argv = build_argv(profile, host, rt)
     fw = firmware_for(profile, host)
     helpers = tuple(h for h in (tpm_helper(profile, host, rt),) if h is not None)
+    helpers += tuple(virtiofsd_helper(host, s) for s in rt.shares if s.kind == "virtiofs")
     fds: list[PassFd] = []
     for i, n in enumerate(profile.nets):
         if n.mode in ("network", "bridge"):
@@ -234,7 +265,8 @@ def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchP
         files.append(Made(rt.firmware_vars, f"UEFI variable store (from {fw.vars_template})"))
     for h in helpers:
         sockets.append(Made(h.ready, h.what))
-        files.append(Made(h.state, f"{h.what}: state"))
+        if h.state != os.path.dirname(h.ready):
+            files.append(Made(h.state, f"{h.what}: state"))
     cmdline = None
     if rt.kernel or profile.boot.kernel:
         tsc = host.tsc_khz if accel == "tcg" and profile.board.tsc_hint else None
@@ -251,6 +283,7 @@ def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchP
         files=tuple(files),
         helpers=helpers,
         firmware=asdict(fw) if fw is not None else None,
+        notes=tuple(notes),
     )
 
 

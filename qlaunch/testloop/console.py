@@ -18,6 +18,7 @@ from qlaunch.boot.protocol import (
     EXIT_RE,
     EXIT_WARNING,
     FALLBACK_RE,
+    FRAME_END,
     FRAME_ERR,
     FRAME_OUT,
     HALT_RE,
@@ -160,7 +161,8 @@ class ConsoleScanner:
         for marker, sink in ((FRAME_OUT, so), (FRAME_ERR, se)):
             i = raw.find(marker)
             if i >= 0:
-                sink.append(raw[i + len(marker) :] + b"\n")
+                body = raw[i + len(marker) :]
+                sink.append(body[: -len(FRAME_END)] if body.endswith(FRAME_END) else body + b"\n")
                 if raw[:i].strip():
                     # A kernel message that the frame interrupted keeps its part.
                     self._judge(raw[:i].decode(errors="replace"), console, raw[:i])

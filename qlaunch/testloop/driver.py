@@ -34,6 +34,7 @@ from qlaunch.boot import protocol
 from qlaunch.errors import AssetError, ProfileError, QemuError, QlaunchError, UsageError
 from qlaunch.storage import outfile
 from qlaunch.testloop import console as con
+from qlaunch.testloop import trace
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ DEFAULT_PROFILE = {"x86_64": "default", "aarch64": "aarch64-virt", "arm": "arm-v
 WATCHDOG_BASE = 30.0  # seconds of silence before the watchdog fires, before TCG scaling
 TCG_SCALE = 10  # syzkaller scales its timeouts about tenfold under TCG
 EXCERPT_WAIT = 2.0  # seconds of console silence after a failure before the excerpt is final
-STATUS_GRACE = 5.0  # seconds (x scale) QEMU gets to power off after the command's status
 LOG_KEEP = 20  # console logs kept in state_dir()/exec-logs
 MAX_LOG_BYTES = 64 << 20  # a runaway console stops being logged (the tail is still kept)
 
@@ -94,6 +94,7 @@ class ExecSpec:
     modules: str | None = None  # --modules DIR
     module: tuple[str, ...] = ()  # --module NAME: packed for the guest's modprobe
     shares: tuple[Share, ...] = ()
+    share_type: str = "auto"  # --share-type: auto (virtiofs where it can be had), virtiofs, 9p
     cpus: int | None = None
     memory: str | None = None
     append: str = ""
@@ -208,7 +209,7 @@ class Plan:
     dtb: str | None
     transport: str  # ports or console
     append: tuple[str, ...]
-    shares: tuple[Any, ...]  # qlaunch.launch.argv.Share: 9p exports (ports are made at execute)
+    shares: tuple[Any, ...]  # qlaunch.launch.argv.Share: 9p exports and virtiofs devices
     timeout: float | None
     watchdog: float
     scale: int
@@ -353,23 +354,25 @@ def prepare(spec: ExecSpec, workdir: Path) -> Plan:
     from qlaunch.launch import host as hostmod
 
     _check_spec(spec)
+    trace.mark("exec: prepare")
     k, prof = _kernel_and_profile(spec)
+    trace.mark("kernel and profile")
     host = hostmod.probe()
+    trace.mark("host probed")
     accel, accel_note = argvmod.choose_accel(prof, host)
     scale = TCG_SCALE if accel == "tcg" else 1
     notes = [accel_note] if accel_note else []
     busybox_set = k.asset if k.asset is not None else _busybox_set(prof.machine.arch)
     tree = _kernel_tree(spec, k, workdir, notes)
-    transport, load = _drivers(spec, prof, k, tree, notes)
-    initrd = _initrd(spec, prof, k, tree, busybox_set, load, workdir)
-    shares = tuple(
-        argvmod.Share(f"qlshare{i}", str(s.host), s.readonly) for i, s in enumerate(spec.shares)
-    )
-    append = protocol.exec_kernel_args(
-        transport,
-        [(sh.tag, str(s.guest)) for sh, s in zip(shares, spec.shares, strict=True)],
-        spec.fail_on_warn,
-    )
+    wanted = _wanted_shares(spec, prof)
+    shares, share_mods = _share_wiring(prof, tree, host, wanted, workdir, notes)
+    transport, load = _drivers(spec, prof, tree, notes, share_mods)
+    trace.mark(f"drivers: transport {transport}, modules {' '.join(load) or 'none'}")
+    initrd = _initrd(spec, prof, k, tree, busybox_set, load, workdir, wanted)
+    trace.mark("initramfs ready")
+    append = protocol.exec_kernel_args(transport, spec.fail_on_warn)
+    if trace.enabled():
+        append = (*append, "qlaunch.trace")
     dtb = _board_dtb(prof, busybox_set, notes)
     name = spec.name or prof.name
     log.debug("exec %s: kernel %s, transport %s, modules %s", name, k.label, transport, load)
@@ -406,6 +409,8 @@ def _check_spec(spec: ExecSpec) -> None:
             raise UsageError(f"--console-log {spec.console_log}: {parent} is not a directory")
         if Path(spec.console_log).is_dir():
             raise UsageError(f"--console-log {spec.console_log} is a directory, not a file")
+    if spec.share_type not in ("auto", "virtiofs", "9p"):
+        raise UsageError(f"--share-type {spec.share_type}: expected auto, virtiofs or 9p")
     if spec.arch is not None and spec.arch not in DEFAULT_PROFILE:
         raise UsageError(f"--arch {spec.arch}: expected one of {', '.join(DEFAULT_PROFILE)}")
 
@@ -492,18 +497,17 @@ def _needs(tree: _Tree, needed: list[tuple[str, str]]) -> tuple[list[str], list[
 
 
 def _drivers(
-    spec: ExecSpec, prof: Any, k: _Kernel, tree: _Tree, notes: list[str]
+    spec: ExecSpec, prof: Any, tree: _Tree, notes: list[str], share_mods: list[str]
 ) -> tuple[str, list[str]]:
     """The output transport (virtio ports, else framed console lines) and the modules the
-    initramfs loads for it, for 9p shares, and for the profile's disks and NICs."""
+    initramfs loads: the shares', and those for the profile's disks and NICs."""
     from qlaunch.boot import initramfs
 
     board = prof.board
-    bus = ("VIRTIO_MMIO", "virtio_mmio") if board.virtio == "mmio" else ("VIRTIO_PCI", "virtio_pci")
-    load: list[str] = []
+    load = list(share_mods)
     transport = "console"
     if board.virtio:
-        mods, missing = _needs(tree, [bus, ("VIRTIO_CONSOLE", "virtio_console")])
+        mods, missing = _needs(tree, [_bus(board), ("VIRTIO_CONSOLE", "virtio_console")])
         if missing:
             notes.append(
                 _missing_line(
@@ -514,28 +518,11 @@ def _drivers(
                 )
                 + "; stdout and stderr come framed over the serial console"
             )
-        else:
+        elif not mods:
             transport = "ports"
-            load += mods
-    if spec.shares:
-        if not board.virtio:
-            raise UsageError(
-                f"--share needs virtio (9p), and {prof.machine.machine} has no virtio transport",
-                hint="use a virt board (aarch64-virt, arm-virt) or an x86_64 profile",
-            )
-        ninep = [bus, ("NET_9P", "9pnet"), ("NET_9P_VIRTIO", "9pnet_virtio"), ("9P_FS", "9p")]
-        mods, missing = _needs(tree, ninep)
-        if missing:
-            hint = "build the kernel with " + " ".join(f"CONFIG_{o}=y" for o, _ in missing)
-            if prof.machine.arch == "x86_64" and k.asset is not None and k.asset.name == "x86_64":
-                hint = "the Debian cloud kernel has no 9p: use --kernel asset:x86_64-generic"
-            raise UsageError(
-                _missing_line(
-                    "--share needs 9p", [o for o, _ in missing], [m for _, m in missing], tree.where
-                ),
-                hint=hint,
-            )
-        load += [m for m in mods if m not in load]
+        # A virtio console that is a module costs its insmods, the port discovery and a PCI
+        # device at every boot (0.1 to 0.2 s of a 2 s TCG run); the framed serial console
+        # costs none of that and keeps stdout, stderr and the status apart just the same.
     if prof.disks or prof.nets:
         defaults = initramfs.DEFAULT_MODULES[prof.machine.arch]
         load += [m for m in defaults if m in tree.have and m not in load]
@@ -546,6 +533,103 @@ def _drivers(
     return transport, load
 
 
+def _bus(board: Any) -> tuple[str, str]:
+    if board.virtio == "mmio":
+        return ("VIRTIO_MMIO", "virtio_mmio")
+    return ("VIRTIO_PCI", "virtio_pci")
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """One share exec is asked for: a --share, or the profile's [[share]]."""
+
+    share: Share
+    tag: str
+    want: str  # auto, virtiofs, 9p
+    label: str  # how messages name it
+
+
+def _wanted_shares(spec: ExecSpec, prof: Any) -> list[_Wanted]:
+    out = []
+    for s in prof.shares:
+        host = Path(s.path).expanduser().resolve()
+        if not host.is_dir():
+            raise UsageError(f"{prof.source}: [[share]] {s.tag}: {host} is not a directory")
+        out.append(_Wanted(Share(host, s.guest, s.readonly), s.tag, s.type, f"[[share]] {s.tag}"))
+    for i, s in enumerate(spec.shares):
+        out.append(_Wanted(s, f"qlshare{i}", spec.share_type, f"--share {s.host}"))
+    return out
+
+
+def _share_wiring(
+    prof: Any,
+    tree: _Tree,
+    host: Any,
+    wanted: list[_Wanted],
+    workdir: Path,
+    notes: list[str],
+) -> tuple[tuple[Any, ...], list[str]]:
+    """Each share over virtiofs where the host and the kernel allow it, else over 9p (and one
+    line that says why); the modules the guest loads to mount them."""
+    from qlaunch.launch import argv as argvmod
+    from qlaunch.launch import shares as sharemod
+
+    if not wanted:
+        return (), []
+    board = prof.board
+    if not board.virtio:
+        raise UsageError(
+            f"--share needs virtio, and {prof.machine.machine} has no virtio transport",
+            hint="use a virt board (aarch64-virt, arm-virt) or an x86_64 profile",
+        )
+    bus = _bus(board)
+    vfs_mods, vfs_missing = _needs(tree, [bus, ("FUSE_FS", "fuse"), ("VIRTIO_FS", "virtiofs")])
+    p9 = [bus, ("NET_9P", "9pnet"), ("NET_9P_VIRTIO", "9pnet_virtio"), ("9P_FS", "9p")]
+    p9_mods, p9_missing = _needs(tree, p9)
+    kernel_why = None
+    if vfs_missing:
+        opts = [o for o, _ in vfs_missing]
+        kernel_why = _missing_line(
+            "this kernel has no virtiofs", opts, [m for _, m in vfs_missing], tree.where
+        )
+    out: list[Any] = []
+    load: list[str] = []
+    fallbacks: dict[str, list[str]] = {}
+    for i, w in enumerate(wanted):
+        kind, why = sharemod.choose(w.want, w.share.readonly, host)
+        if kind == "virtiofs" and kernel_why:
+            if w.want == "virtiofs":
+                raise UsageError(f"{w.label}: {kernel_why}", hint="--share-type 9p or auto")
+            kind, why = "9p", kernel_why
+        if kind == "9p" and p9_missing:
+            opts = [o for o, _ in p9_missing]
+            hint = "build the kernel with " + " ".join(f"CONFIG_{o}=y" for o in opts)
+            if why:
+                hint = f"not virtiofs either: {why}"
+            raise UsageError(
+                _missing_line(f"{w.label} needs 9p", opts, [m for _, m in p9_missing], tree.where),
+                hint=hint,
+            )
+        if why and w.want == "auto" and not w.share.readonly:  # :ro is 9p by design
+            fallbacks.setdefault(why, []).append(w.label)
+        mods = vfs_mods if kind == "virtiofs" else p9_mods
+        load += [m for m in mods if m not in load]
+        sock = sharemod.socket_path(str(workdir), i) if kind == "virtiofs" else None
+        out.append(
+            argvmod.Share(
+                w.tag,
+                str(w.share.host),
+                w.share.readonly,
+                kind=kind,
+                socket=sock,
+                guest=w.share.guest,
+            )
+        )
+    for why, labels in fallbacks.items():
+        notes.append(f"{', '.join(labels)}: over 9p, not virtiofs: {why}")
+    return tuple(out), load
+
+
 def _initrd(
     spec: ExecSpec,
     prof: Any,
@@ -554,6 +638,7 @@ def _initrd(
     busybox_set: Any,
     load: list[str],
     workdir: Path,
+    wanted: list[_Wanted],
 ) -> Path:
     """qlaunch's initramfs for this kernel (cached by content), with the command appended."""
     from qlaunch.boot import assets, initramfs
@@ -574,7 +659,10 @@ def _initrd(
     )
     base = initramfs.build_initramfs(aset, load, pack=spec.module)
     return initramfs.initrd_with_command(
-        base, list(spec.cmd), workdir / "initrd.cpio.gz", workdir=_guest_cwd(spec.shares)
+        base,
+        list(spec.cmd),
+        workdir / "initrd.cpio.gz",
+        workdir=_guest_cwd([w.share for w in wanted]),
     )
 
 
@@ -719,6 +807,7 @@ def execute(plan: Plan, sink: Sink, *, show_console: bool = False) -> Result:
             argv = list(launch.argv)
             extras.make_files(plan.profile, plan.host, rt)
             stack.enter_context(extras.running(launch.helpers))
+            trace.mark("QEMU starts")
             try:
                 proc = spawn(
                     argv,
@@ -817,6 +906,7 @@ class _Driver:
         self.logged = 0
         self.notes_shown = 0
         self.fallback_shown = False
+        self.traced: set[str] = set()
 
     def run(self) -> Result:
         _make_log_dir(self.plan.console_log, self.plan.console_log_default)
@@ -850,6 +940,7 @@ class _Driver:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
+        trace.mark(f"QEMU ended ({rc})")
         return self._verdict(rc)
 
     def _wait(self) -> float:
@@ -859,8 +950,6 @@ class _Driver:
             due.append(self.start + self.plan.timeout)
         if self.finding_at is not None:
             due.append(self.last_console + EXCERPT_WAIT)
-        if self.status_at is not None:
-            due.append(self.status_at + STATUS_GRACE * self.plan.scale)
         if self.term_at is not None:
             due.append(self.term_at + 3)
         return max(0.0, min(min(due) - now, 1.0))
@@ -871,6 +960,9 @@ class _Driver:
             self.qemu_err += data
             return
         self.last_output = now
+        if kind not in self.traced:
+            self.traced.add(kind)
+            trace.mark(f"first bytes on {kind}")
         if kind == "console":
             self.last_console = now
             if self.log is not None and self.logged < MAX_LOG_BYTES:
@@ -892,8 +984,15 @@ class _Driver:
     def _console(self, chunk: con.Chunk, raw: bytes) -> None:
         s = self.scanner
         while self.notes_shown < len(s.notes):
-            self.sink.note(f"guest: {s.notes[self.notes_shown]}")
+            note = s.notes[self.notes_shown]
             self.notes_shown += 1
+            if note.startswith("trace "):
+                trace.mark(f"guest: {note.removeprefix('trace ')}")
+            else:
+                self.sink.note(f"guest: {note}")
+        if s.booted and "init" not in self.traced:
+            self.traced.add("init")
+            trace.mark("guest init started (QLAUNCH_INIT)")
         if s.fallback and not self.fallback_shown:
             self.fallback_shown = True
             self.sink.note(
@@ -937,8 +1036,11 @@ class _Driver:
                 self._stop("finding")
         elif s.halted and self.plan.profile.board.halts_on_poweroff:
             self._stop("halted")
-        elif self.status_at is not None and now - self.status_at > STATUS_GRACE * self.plan.scale:
-            self._stop("status-grace")
+        elif self.status_at is not None:
+            # The guest synced before it reported, and all the command wrote is in our pipes
+            # (a port write returns once QEMU has the bytes; the console is in order): its
+            # power-off would only cost time.
+            self._stop("status")
         elif self.plan.timeout and now - self.start > self.plan.timeout:
             self._stop("timeout")
         elif now - self.last_output > self.plan.watchdog:
@@ -1043,6 +1145,7 @@ def exec(  # noqa: A001 - the name users call: qlaunch.exec(...)
     modules: str | os.PathLike[str] | None = None,
     module: Sequence[str] = (),
     share: Sequence[str] = (),
+    share_type: str = "auto",
     cpus: int | None = None,
     memory: str | None = None,
     append: str = "",
@@ -1073,6 +1176,7 @@ def exec(  # noqa: A001 - the name users call: qlaunch.exec(...)
         modules=os.fspath(modules) if modules is not None else None,
         module=tuple(module),
         shares=tuple(parse_share(s) for s in share),
+        share_type=share_type,
         cpus=cpus,
         memory=memory,
         append=append,

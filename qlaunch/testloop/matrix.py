@@ -37,6 +37,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "modules": ("modules", str),
     "module": ("module", list),
     "share": ("shares", list),
+    "share_type": ("share_type", str),
     "set": ("sets", list),
     "cmd": ("cmd", list),
     "cpus": ("cpus", int),
@@ -84,6 +85,8 @@ def _check_value(key: str, value: Any, where: str) -> None:
         raise UsageError(f"{where}: cpus must be 1 or more, not {value}")
     if key in ("timeout", "watchdog") and not (math.isfinite(value) and value > 0):
         raise UsageError(f"{where}: {key} must be more than 0 seconds, not {value}")
+    if key == "share_type" and value not in ("auto", "virtiofs", "9p"):
+        raise UsageError(f"{where}: share_type must be auto, virtiofs or 9p, not {value!r}")
     if key == "boot_failure_exit" and not 0 <= value <= 255:
         raise UsageError(f"{where}: boot_failure_exit takes 0 to 255, not {value}")
 

@@ -56,6 +56,11 @@ def _real_sets(case: Case, work: Path) -> list[str]:
             d = work / "share,with,commas"
             d.mkdir(exist_ok=True)
             sets.append(f"net.{i}.smb={d}")
+    for i, s in enumerate(raw.shares):
+        # A comma is escaped for QEMU's 9p; virtiofsd takes none (a profile error then).
+        d = work / (f"share{i},with,commas" if s.readonly else f"share{i}")
+        d.mkdir(exist_ok=True)
+        sets.append(f"share.{i}.path={d}")
     return sets
 
 

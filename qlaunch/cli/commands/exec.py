@@ -70,8 +70,16 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="HOST[:GUEST][:ro]",
-        help="share a host directory over 9p (default guest path: the same as on the host); "
-        "the command starts in the host's working directory when a share holds it",
+        help="share a host directory (default guest path: the same as on the host) over "
+        "virtiofs, or 9p where virtiofs cannot be had and for :ro; the command starts in the "
+        "host's working directory when a share holds it",
+    )
+    p.add_argument(
+        "--share-type",
+        choices=("auto", "virtiofs", "9p"),
+        default="auto",
+        help="auto (the default): virtiofs where the host and the kernel allow it, else 9p "
+        "(and a note says why); virtiofs: an error where it cannot be had",
     )
     p.add_argument("--cpus", type=positive(int), metavar="N")
     p.add_argument("--memory", metavar="M", help="like 512M or 2G")
@@ -154,6 +162,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         modules=args.modules,
         module=tuple(args.module),
         shares=tuple(testloop.parse_share(s) for s in args.share),
+        share_type=args.share_type,
         cpus=args.cpus,
         memory=args.memory,
         append=args.append,
@@ -201,6 +210,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def _check_outputs(args: argparse.Namespace) -> None:
     """Where exec will write, checked before anything boots: an existing directory, and no
     file that qlaunch did not write (without --force) or that a VM holds (ever)."""
+    if not (args.console_log or args.junit or args.json):
+        return  # and the report writers and VM state stay unimported: a run starts sooner
     from qlaunch.errors import StateError, UsageError
     from qlaunch.storage import outfile
     from qlaunch.testloop import matrix
