@@ -113,6 +113,9 @@ class Connection:
             SSH,
             "-o",
             "BatchMode=yes",
+            # Errors only: no "Shared connection to HOST closed." after a console session.
+            "-o",
+            "LogLevel=ERROR",
             "-o",
             f"ConnectTimeout={CONNECT_TIMEOUT}",
             "-o",

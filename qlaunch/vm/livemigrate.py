@@ -137,7 +137,8 @@ def migrate(
     base: Path | None = None,
 ) -> MigrateReport:
     """Move the running (or paused) VM `name` to the host at uri (ssh://...). Returns once it
-    runs there and is gone from here; on failure it runs on here as before (see the module)."""
+    runs there and is gone from here; on failure it runs on here as before (see the module).
+    progress: called while disks are mirrored and RAM is sent."""
     from qlaunch.remote import transport
     from qlaunch.remote import uri as urimod
     from qlaunch.vm.api import VM
@@ -165,11 +166,6 @@ def migrate(
     # The VM lives there now: nothing of it stays here (its data moved with it).
     with contextlib.suppress(QlaunchError):
         vm.remove(force=True, lock_timeout=lock_timeout)
-    if note:
-        note(
-            f"{vm.name}: runs on {target.where} now (downtime {report.downtime_ms:.0f} ms, "
-            f"{report.seconds:.1f} s in all); removed here"
-        )
     return report
 
 

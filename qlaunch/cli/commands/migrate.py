@@ -56,6 +56,7 @@ def register(sub: Any) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from qlaunch.errors import UsageError
+    from qlaunch.remote import uri as urimod
     from qlaunch.vm import livemigrate
 
     if args.guest_cmd is not None:
@@ -80,6 +81,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             note=p.note,
             progress=progress if p.enabled else None,
         )
+        p.close()  # the line is done with; the note below says how it went
+    where = urimod.parse(args.uri).where
+    output.note(
+        f"{args.name}: runs on {where} now (downtime "
+        f"{report.downtime_ms:.0f} ms, {report.seconds:.1f} s in all); removed here"
+    )
     if args.json:
         output.emit_json(report.to_json())
     return 0

@@ -27,8 +27,9 @@ from qlaunch.errors import UsageError
 ENV = "QLAUNCH_CONNECT"
 # Commands that are a terminal session when ours is one: the remote end gets a pty (so a
 # console is raw, Ctrl-] detaches, and a dropped connection hangs the remote command up).
-INTERACTIVE = {"console", "run", "ssh"}
-FOLLOWING = {"events", "log"}
+# Commands with a progress line on a terminal get one there too.
+TERMINAL = {"console", "run", "ssh", "events", "log", "migrate", "save", "restore", "image"}
+TERMINAL |= {"assets", "exec"}
 
 HELP = (
     "run COMMAND on another host over ssh (also $QLAUNCH_CONNECT): "
@@ -92,7 +93,8 @@ def forward(uri: str, args: list[str], profiles: Sequence[str]) -> int:
     for f in profiles:
         words = _send_profile(f, words)
     word = next((a for a in args if not a.startswith("-")), None)
-    tty = (word in INTERACTIVE or word in FOLLOWING) and sys.stdin.isatty() and sys.stdout.isatty()
+    # A pty there merges the command's stdout and stderr: only when both end on this terminal.
+    tty = word in TERMINAL and all(f.isatty() for f in (sys.stdin, sys.stdout, sys.stderr))
     return conn.call(words, tty=tty)
 
 
