@@ -505,9 +505,11 @@ def _drives(mon: Monitor, vm: VM, pid: int, profile_json: dict[str, Any]) -> lis
     out = []
     for b in mon.execute("query-block"):
         ins = b.get("inserted")
-        dev = str(b.get("device") or "")
-        if not ins or not dev:
+        if not ins:
             continue
+        # A hotplugged disk is a -blockdev node (no drive name): mirrored and exported by its
+        # node name, which its hotplug record gives it there too.
+        dev = str(b.get("device") or "") or str(ins.get("node-name") or "")
         img = ins.get("image") or {}
         path = str(img.get("filename") or ins.get("file") or "")
         if not path or path.startswith(str(vm.dir) + "/"):
@@ -515,7 +517,7 @@ def _drives(mon: Monitor, vm: VM, pid: int, profile_json: dict[str, Any]) -> lis
         if not path.startswith("/"):
             path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
         is_vars = dev.startswith("pflash") and path.startswith(str(data) + "/")
-        if not is_vars and not re.fullmatch(r"(disk|sd)\d+", dev):
+        if not is_vars and not re.fullmatch(r"(disk|sd|hpdisk)\d+", dev):
             continue  # firmware code: the destination's own, from its firmware descriptors
         out.append(
             Drive(
@@ -798,6 +800,9 @@ class _Destination:
                     for b in mon.execute("query-block")
                     if b.get("inserted")
                 }
+                for b in mon.execute("query-named-block-nodes"):
+                    if re.fullmatch(r"hpdisk\d+", str(b.get("node-name", ""))):
+                        nodes.setdefault(b["node-name"], b["node-name"])
                 for dev in sorted(moved):
                     if dev not in nodes:
                         raise StateError(f"the VM there has no drive {dev}: not the same machine")
