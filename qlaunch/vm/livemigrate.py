@@ -705,6 +705,7 @@ class _Destination:
         self.vm: VM | None = None
         self.made: list[str] = []  # disks made here
         self.data_made = False
+        self.started: str | None = None  # a start was tried under this name
         self.hdr: dict[str, Any] = {}
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -762,6 +763,9 @@ class _Destination:
         pj = hdr["profile"]
         prof = profmod.build(pj["profile"], name=pj["name"], source=f"{pj['source']} (migrated)")
         hot_args = [a for dev in hdr.get("hotplug") or [] for a in dev.get("args", [])]
+        # From here whatever has the VM's name here is ours: none was here before.
+        self.started = name
+        self.data_made = True
         self.vm = start_for_restore(
             prof,
             name,
@@ -776,7 +780,6 @@ class _Destination:
             uuid=str(hdr["uuid"]),
             shared_disks=not hdr.get("copy_storage"),
         )
-        self.data_made = True
         vm = self.vm
         with vm.monitor(purpose="migrate-incoming") as mon:
             want = hdr.get("qemu") or {}
@@ -849,11 +852,17 @@ class _Destination:
             if hdr.get("running"):
                 mon.execute("cont")
         _settle(vm, hdr)
-        self.vm = None  # it is the VM's own now: undo no longer applies
+        self.vm = self.started = None  # it is the VM's own now: undo no longer applies
         self.send({"op": "running"})
 
     def undo(self) -> None:
         """Nothing of the VM stays: its state, its data, the disks made for it."""
+        from qlaunch.vm.api import VM
+
+        if self.started is not None and self.vm is None:
+            # A start that failed keeps QEMU's log for the user; there is no user here.
+            with contextlib.suppress(QlaunchError):
+                VM(self.started).remove(force=True)
         if self.vm is not None:
             with contextlib.suppress(QlaunchError):
                 self.vm.remove(force=True)
