@@ -225,6 +225,12 @@ class _Source:
                     local_nbd = os.path.join(tmp, NBD_SOCK)
                     self._forward(local_nbd, str(ready["nbd_socket"]))
                     self._mirror(mon, moved, local_nbd, bandwidth_mib)
+                    if self.note:
+                        size = sum(d.size for d in moved) / 2**20
+                        self.note(
+                            f"{vm.name}: disks copied to {self.where} ({size:.0f} MiB), kept in "
+                            "step from now on"
+                        )
                 info = self._migrate(mon, local_mig, max_downtime_ms, bandwidth_mib, moved)
                 t_done = time.monotonic()
             log.debug("%s: stream complete (%.2f s)", vm.name, t_done - t0)
