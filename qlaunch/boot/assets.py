@@ -3,7 +3,8 @@
 Each asset set lives in ``cache_dir()/assets/<set>/`` under version-free names, so that
 profiles can name a file without knowing which kernel release was current when it was fetched:
 
-    kernel        the vmlinuz from the package
+    kernel        the image from the package: vmlinuz, or the ELF vmlinux where the package
+                  holds that (ppc64el)
     config        the kernel's config
     modules/      lib/modules/<version>, with modules.dep made by depmod (packages ship none)
     dtbs/         usr/lib/linux-image-<version>/ (empty on x86)
@@ -50,8 +51,8 @@ class SetSpec:
     """What one asset set is made of."""
 
     name: str
-    arch: str  # qlaunch's name: x86_64, aarch64, arm
-    deb_arch: str  # dpkg's name: amd64, arm64, armhf
+    arch: str  # qlaunch's name: x86_64, aarch64, arm, i386, ppc64le, s390x, mips64el
+    deb_arch: str  # dpkg's name: amd64, arm64, armhf, i386, ppc64el, s390x, mips64el
     metapackage: str  # tracks the current kernel ABI: its one Depends is the real image package
     busybox_package: str
     description: str
@@ -92,6 +93,38 @@ ASSET_SETS: dict[str, SetSpec] = {
             "busybox-static",
             "Debian armmp kernel (ARMv7, no LPAE) with DTBs (vexpress, raspi2b)",
         ),
+        SetSpec(
+            "i386",
+            "i386",
+            "i386",
+            "linux-image-686",
+            "busybox-static",
+            "Debian 686 kernel (32-bit x86, no PAE) for the pc and q35 machines",
+        ),
+        SetSpec(
+            "ppc64le",
+            "ppc64le",
+            "ppc64el",
+            "linux-image-powerpc64le",
+            "busybox-static",
+            "Debian powerpc64le kernel (an ELF vmlinux) for pseries",
+        ),
+        SetSpec(
+            "s390x",
+            "s390x",
+            "s390x",
+            "linux-image-s390x",
+            "busybox-static",
+            "Debian s390x kernel for s390-ccw-virtio (virtio-ccw)",
+        ),
+        SetSpec(
+            "mips64el",
+            "mips64el",
+            "mips64el",
+            "linux-image-5kc-malta",
+            "busybox-static",
+            "Debian 5kc-malta kernel (MIPS64r2, an ELF vmlinuz) for malta",
+        ),
     )
 }
 
@@ -116,7 +149,7 @@ class AssetSet:
 
 
 def arch_of(set_name: str) -> str:
-    """The QEMU-side architecture (x86_64, aarch64, arm) of an asset set."""
+    """The QEMU-side architecture (x86_64, aarch64, ppc64le...) of an asset set."""
     return _spec(set_name).arch
 
 
@@ -380,7 +413,7 @@ def _fetch_one(spec: SetSpec, image_pkg: str, progress: Callable[[str], None]) -
 
         stage = work / "set"
         stage.mkdir()
-        os.rename(tree / "boot" / f"vmlinuz-{version}", stage / "kernel")
+        os.rename(_kernel_image(tree / "boot", version, image_deb.name), stage / "kernel")
         os.rename(tree / "boot" / f"config-{version}", stage / "config")
         os.rename(tree / "lib" / "modules" / version, stage / "modules")
         for link in ("build", "source"):  # point into linux-headers, which we never fetch
@@ -422,6 +455,15 @@ def _fetch_one(spec: SetSpec, image_pkg: str, progress: Callable[[str], None]) -
         return _asset_from(spec, final, manifest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _kernel_image(boot: Path, version: str, deb: str) -> Path:
+    # ppc64el ships the plain ELF vmlinux (what QEMU's pseries loads); the others a vmlinuz
+    # (on mips a self-decompressing ELF, on s390x its own bootable format).
+    for name in (f"vmlinuz-{version}", f"vmlinux-{version}"):
+        if (boot / name).is_file():
+            return boot / name
+    raise AssetError(f"{deb} holds no boot/vmlinuz-{version} or boot/vmlinux-{version}")
 
 
 def _let_apt_write(work: Path, debs: Path) -> None:

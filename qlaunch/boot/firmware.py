@@ -32,6 +32,8 @@ log = logging.getLogger("qlaunch.firmware")
 
 FIRMWARE_KINDS = ("bios", "uefi", "uefi-secure")
 # The Debian package that ships the UEFI builds (and their descriptors) for each guest arch.
+# SeaBIOS, which QEMU loads itself, runs 32-bit guests as well as 64-bit ones.
+BIOS_ARCHES = ("x86_64", "i386")
 FIRMWARE_PACKAGE = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64", "arm": "qemu-efi-arm"}
 # Versionless machine names are QEMU aliases of the newest versioned type of that family.
 MACHINE_FAMILY = {"q35": "pc-q35", "pc": "pc-i440fx", "virt": "virt"}
@@ -252,7 +254,7 @@ def check_kind(wanted: str, arch: str) -> None:
         raise UsageError(
             f"unknown firmware {wanted!r}", hint=f"one of: auto, {', '.join(FIRMWARE_KINDS)}"
         )
-    if wanted == "bios" and arch != "x86_64":
+    if wanted == "bios" and arch not in BIOS_ARCHES:
         raise UsageError(
             f"there is no BIOS for {arch} guests",
             hint='use firmware = "uefi" (or "auto"), or boot a kernel directly',
@@ -353,7 +355,14 @@ def resolve_auto(arch: str, *, kernel: bool, disk: bool) -> str | None:
             "nothing to boot: no [boot] kernel and no [[disk]]",
             hint="give a kernel, or a disk with an operating system on it",
         )
-    return "bios" if arch == "x86_64" else "uefi"
+    if arch in ("ppc64le", "s390x", "mips64el"):
+        # pseries runs VOF, which boots no disk; s390x's and malta's firmware qlaunch does not
+        # drive.
+        raise UsageError(
+            f"qlaunch boots {arch} guests from a [boot] kernel only, not from a disk",
+            hint=f"give a kernel (asset:{arch}/kernel, or the guest's own) and its initrd",
+        )
+    return "bios" if arch in BIOS_ARCHES else "uefi"
 
 
 # --- using ----------------------------------------------------------------------------------

@@ -67,6 +67,15 @@ DEFAULT_MODULES: dict[str, list[str]] = {
     "aarch64": [*_COMMON_MODULES, "gpio_keys", "armmmci", "sdhci_iproc", "bcm2835"],
     # vexpress has PL181 (armmmci) for SD and a LAN9118 (smsc911x); raspi2b as on aarch64.
     "arm": [*_COMMON_MODULES, "gpio_keys", "armmmci", "sdhci_iproc", "bcm2835", "smsc911x"],
+    # The 686 kernel, like the cloud one, builds the ACPI power button as a module.
+    "i386": [*_COMMON_MODULES, "button"],
+    # No board of these three has virtio-mmio or a power button on an input device: pseries
+    # signals powerdown with an EPOW interrupt and s390x with an SCLP quiesce event, both
+    # handled in the kernel, and malta has none.
+    "ppc64le": [m for m in _COMMON_MODULES if m not in ("virtio_mmio", "evdev")],
+    # virtio-ccw is built in (S390_GUEST); there is no PCI bus to serve.
+    "s390x": [m for m in _COMMON_MODULES if m not in ("virtio_pci", "virtio_mmio", "evdev")],
+    "mips64el": [m for m in _COMMON_MODULES if m not in ("virtio_mmio", "evdev")],
 }
 
 

@@ -4,7 +4,11 @@ Only the few bytes the boot protocols define are read, so a wrong `--kernel` (an
 an x86 board, a config file, an initrd) is named before QEMU is started and fails obscurely.
 Formats: x86 bzImage (boot protocol header "HdrS"), arm64 Image ("ARM\\x64" at 0x38), arm zImage
 (magic 0x016f2818 at 0x24), a gzip-compressed arm64 Image (Debian's arm64 vmlinuz on older
-releases), an EFI zboot image ("zimg" at 4, arm64 and others), and ELF vmlinux files.
+releases), an EFI zboot image ("zimg" at 4, arm64 and others), an s390 image ("S390EP" at
+0x10008, Debian's s390x vmlinuz), and ELF files: vmlinux, and the self-decompressing ELF vmlinuz
+of mips (Debian's ppc64el package holds a vmlinux, its mips64el one such a vmlinuz). An ELF's
+arch is its e_machine read with its class (32 or 64 bit) and byte order: EM_PPC64 little-endian
+is ppc64le, EM_MIPS 64-bit little-endian is mips64el.
 """
 
 from __future__ import annotations
@@ -17,8 +21,20 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-# ELF e_machine values for the architectures qlaunch boots.
-_ELF_MACHINES = {62: "x86_64", 3: "i386", 183: "aarch64", 40: "arm", 243: "riscv64"}
+# ELF e_machine values -> (32-bit name, 64-bit name), "{e}" standing for "el" in little-endian
+# files and "" in big-endian ones where the arch has both.
+_ELF_MACHINES = {
+    62: ("x86_64", "x86_64"),
+    3: ("i386", "i386"),
+    183: ("aarch64", "aarch64"),
+    40: ("arm", "arm"),
+    243: ("riscv32", "riscv64"),
+    20: ("ppc", "ppc"),  # EM_PPC
+    21: ("ppc64", "ppc64"),  # EM_PPC64: ppc64 big-endian, ppc64le little
+    22: ("s390", "s390x"),  # EM_S390
+    8: ("mips{e}", "mips64{e}"),  # EM_MIPS
+}
+_S390_MAGIC_AT = 0x10008  # "S390EP": the entry marker of an s390 kernel image (boot/head.S)
 _ZBOOT_ARCH = {"arm64": "aarch64", "riscv64": "riscv64", "loongarch64": "loongarch64"}
 _ARM_ZIMAGE_MAGIC = 0x016F2818
 
@@ -45,10 +61,23 @@ def _header_arch(head: bytes) -> str | None:
             return {0xAA64: "aarch64", 0x5064: "riscv64", 0x6264: "loongarch64"}.get(machine)
         return None
     if head[:4] == b"\x7fELF" and len(head) >= 0x14:
-        little = head[5] == 1
-        machine = struct.unpack_from("<H" if little else ">H", head, 0x12)[0]
-        return _ELF_MACHINES.get(machine)
+        return _elf_arch(head)
+    if len(head) >= _S390_MAGIC_AT + 6 and head[_S390_MAGIC_AT : _S390_MAGIC_AT + 6] == b"S390EP":
+        return "s390x"
     return None
+
+
+def _elf_arch(head: bytes) -> str | None:
+    wide = head[4] == 2  # EI_CLASS: 1 ELFCLASS32, 2 ELFCLASS64
+    little = head[5] == 1  # EI_DATA: 1 little-endian, 2 big-endian
+    machine = struct.unpack_from("<H" if little else ">H", head, 0x12)[0]
+    names = _ELF_MACHINES.get(machine)
+    if names is None:
+        return None
+    name = names[1] if wide else names[0]
+    if machine == 21 and little:
+        return "ppc64le"
+    return name.replace("{e}", "el" if little else "")
 
 
 def detect_arch(path: str | Path) -> str | None:
@@ -58,7 +87,7 @@ def detect_arch(path: str | Path) -> str | None:
     is an error: an unknown format might still boot). Raises OSError when the file cannot be read.
     """
     with open(path, "rb") as f:
-        head = f.read(4096)
+        head = f.read(_S390_MAGIC_AT + 8)  # past the s390 marker, the farthest one read
     arch = _header_arch(head)
     if arch is not None or head[:2] != b"\x1f\x8b":
         return arch
@@ -140,6 +169,13 @@ def describe(arch: str | None) -> str:
         "i386": "a 32-bit x86 bzImage",
         "aarch64": "an arm64 Image",
         "arm": "an arm zImage",
+        "ppc64le": "a little-endian ppc64 ELF vmlinux",
+        "ppc64": "a big-endian ppc64 ELF vmlinux",
+        "s390x": "an s390x kernel image",
+        "mips64el": "a little-endian mips64 ELF kernel",
+        "mips64": "a big-endian mips64 ELF kernel",
+        "mipsel": "a little-endian 32-bit mips ELF kernel",
+        "mips": "a big-endian 32-bit mips ELF kernel",
     }.get(arch or "", "an unrecognised image" if arch is None else f"a {arch} kernel")
 
 

@@ -11,11 +11,20 @@ from qlaunch.boot import kernel as kmod
 from qlaunch.config.profile import Profile
 from qlaunch.errors import ProfileError
 
-# The kernels each board architecture boots: qemu-system-x86_64 runs 32-bit x86 kernels too.
+# The kernels each board architecture boots: qemu-system-x86_64 runs 32-bit x86 kernels too,
+# but qemu-system-i386 no 64-bit ones.
 ACCEPTS = {"x86_64": ("x86_64", "i386"), "aarch64": ("aarch64",), "arm": ("arm",)}
 
-# A shipped profile per kernel architecture, for the hint.
-PROFILE_FOR = {"x86_64": "default", "aarch64": "aarch64-virt", "arm": "arm-virt"}
+# A shipped profile per kernel architecture: for the hint, and the one `exec --arch` boots.
+PROFILE_FOR = {
+    "x86_64": "default",
+    "aarch64": "aarch64-virt",
+    "arm": "arm-virt",
+    "i386": "i386-pc",
+    "ppc64le": "ppc64le-pseries",
+    "s390x": "s390x-ccw",
+    "mips64el": "mips64el-malta",
+}
 
 
 def check_kernel(profile: Profile, path: str | None) -> None:
@@ -41,5 +50,5 @@ def check_kernel(profile: Profile, path: str | None) -> None:
 
 
 def _a(word: str) -> str:
-    # x86_64 is read "ex eighty-six".
-    return f"{'an' if word[0] in 'aeiox' else 'a'} {word}"
+    # x86_64 is read "ex eighty-six", s390x "ess three-ninety".
+    return f"{'an' if word[0] in 'aeiosx' else 'a'} {word}"

@@ -14,12 +14,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-ARCHES = ("x86_64", "aarch64", "arm")
+ARCHES = ("x86_64", "aarch64", "arm", "i386", "ppc64le", "s390x", "mips64el")
 
 QEMU_BINARY = {
     "x86_64": "qemu-system-x86_64",
     "aarch64": "qemu-system-aarch64",
     "arm": "qemu-system-arm",
+    "i386": "qemu-system-i386",
+    "ppc64le": "qemu-system-ppc64",
+    "s390x": "qemu-system-s390x",
+    "mips64el": "qemu-system-mips64el",
 }
 
 # The package that ships each binary, for hints.
@@ -27,6 +31,10 @@ QEMU_PACKAGE = {
     "x86_64": "qemu-system-x86",
     "aarch64": "qemu-system-arm",
     "arm": "qemu-system-arm",
+    "i386": "qemu-system-x86",
+    "ppc64le": "qemu-system-ppc",
+    "s390x": "qemu-system-misc",
+    "mips64el": "qemu-system-mips",
 }
 
 
@@ -46,9 +54,11 @@ class Board:
     dtb: str | None = None  # path inside the asset set's dtbs/
     dtb_remove: tuple[str, ...] = ()  # DTB nodes (paths) qlaunch cuts out: see qlaunch.boot.dtb
     storage: tuple[str, ...] = ("virtio",)  # allowed [[disk]] interfaces, first is the default
-    virtio: str = "pci"  # virtio transport: pci, mmio or "" (none)
+    virtio: str = "pci"  # virtio transport: pci, mmio, ccw or "" (none)
     nic_model: str | None = "virtio-net-pci"  # None: the board has no NIC
-    acpi: bool = True  # system_powerdown reaches the guest
+    acpi: bool = True  # system_powerdown reaches the guest through ACPI
+    # How system_powerdown reaches the guest, in words; "" where it does not at all.
+    powerdown: str = "ACPI power button"
     halts_on_poweroff: bool = False  # poweroff halts the CPU instead of ending QEMU
     extra_serials: int = 0  # serial ports besides the console's, wired to null
     console_serial: int = 0  # which -serial (0, 1, ...) the console is
@@ -64,6 +74,8 @@ class Board:
     # KERN_ERR and KERN_CRIT lines at every boot; a quiet boot then shows only alerts and worse
     # (panics and oopses still show).
     noisy_errors: bool = False
+    memory_align_mib: int | None = None  # RAM must be a multiple of this
+    migration: bool = True  # save/restore (QEMU migration) works
 
     @property
     def binary(self) -> str:
@@ -124,6 +136,7 @@ BOARDS = _register(
         smp_max=8,  # GICv2, QEMU's default interrupt controller for virt
         storage=("virtio", "scsi"),
         acpi=False,
+        powerdown="GPIO power key (gpio-keys)",
     ),
     Board(
         machine="virt",
@@ -137,6 +150,7 @@ BOARDS = _register(
         memory_max_mib=3072,
         storage=("virtio", "scsi"),
         acpi=False,
+        powerdown="GPIO power key (gpio-keys)",
     ),
     Board(
         machine="vexpress-a9",
@@ -151,6 +165,7 @@ BOARDS = _register(
         virtio="",
         nic_model="lan9118",
         acpi=False,
+        powerdown="",
         sd_pow2=True,
         sd_slots=1,
         sound="pl041",
@@ -170,6 +185,7 @@ BOARDS = _register(
         virtio="",
         nic_model="lan9118",
         acpi=False,
+        powerdown="",
         sd_pow2=True,
         sd_slots=1,
         sound="pl041",
@@ -196,6 +212,7 @@ BOARDS = _register(
         virtio="",
         nic_model=None,
         acpi=False,
+        powerdown="",
         halts_on_poweroff=True,
         extra_serials=1,
         sd_pow2=True,
@@ -216,6 +233,7 @@ BOARDS = _register(
         virtio="",
         nic_model=None,
         acpi=False,
+        powerdown="",
         halts_on_poweroff=True,
         extra_serials=1,
         sd_pow2=True,
@@ -224,7 +242,113 @@ BOARDS = _register(
     ),
 )
 
-DEFAULT_MACHINE = {"x86_64": "q35", "aarch64": "virt", "arm": "virt"}
+# The four arches below were each booted here with Debian 12's kernel for them (6.1) under TCG.
+BOARDS.update(
+    _register(
+        Board(
+            machine="pc",
+            arch="i386",
+            description="32-bit PC (i440FX) for i686 kernels: virtio, ACPI",
+            # QEMU's default qemu32 has no machine check architecture, and the kernel says so at
+            # KERN_ERR on every boot ("mce: Unable to init MCE device").
+            cpu="pentium3",
+            console="ttyS0",
+            smp_max=32,  # QEMU takes 255; Debian's 686 kernel has NR_CPUS=32
+            # Debian's 686 kernel has no PAE, so it sees RAM below 4 GiB only: pc puts the
+            # first 3 GiB there once the RAM reaches 3.5 GiB.
+            memory_max_mib=3072,
+            memory_default_mib=256,
+            storage=("virtio", "scsi", "ide"),
+        ),
+        Board(
+            machine="q35",
+            arch="i386",
+            description="32-bit PC with PCIe (Q35) for i686 kernels: virtio, ACPI",
+            cpu="pentium3",
+            console="ttyS0",
+            smp_max=32,
+            # q35 keeps RAM below 4 GiB only up to 2.75 GiB (then just 2 GiB of it there).
+            memory_max_mib=2560,
+            memory_default_mib=256,
+            storage=("virtio", "scsi", "ide"),
+        ),
+        Board(
+            machine="pseries",
+            arch="ppc64le",
+            description="IBM POWER (sPAPR) VM, POWER9: virtio-pci, hvc console, no firmware",
+            cpu="power9",
+            console="hvc0",  # the sPAPR VTY QEMU makes of -serial
+            # x-vof: QEMU's Virtual Open Firmware instead of SLOF boots the kernel in half
+            # the time (8 s against 17 s) and prints nothing of its own; it cannot boot a
+            # disk, which qlaunch does only with UEFI anyway. The caps TCG cannot give are
+            # said off, or QEMU warns about each at every start.
+            machine_opts=(
+                "x-vof=on",
+                "cap-cfpc=broken",
+                "cap-sbbc=broken",
+                "cap-ibs=broken",
+                "cap-ccf-assist=off",
+            ),
+            smp_max=2048,  # QEMU sets no limit; Debian's kernel has NR_CPUS=2048
+            memory_default_mib=512,
+            # QEMU: "Memory size 0x12c00000 is not aligned to 256 MiB"
+            memory_align_mib=256,
+            storage=("virtio", "scsi"),
+            acpi=False,
+            # An EPOW interrupt: the kernel runs /sbin/poweroff.
+            powerdown="EPOW interrupt (the kernel runs /sbin/poweroff)",
+            # VOF leaves the NVRAM unformatted, and the kernel says so at KERN_ERR each boot.
+            noisy_errors=True,
+        ),
+        Board(
+            machine="s390-ccw-virtio",
+            arch="s390x",
+            description="IBM Z VM: virtio-ccw channel devices, SCLP console, no PCI",
+            cpu=None,  # TCG's "qemu" model runs Debian's (z196 and later) kernel
+            console="ttysclp0",  # the SCLP VT220 console QEMU makes of -serial
+            smp_max=248,  # QEMU: "The max CPUs supported by machine 's390-ccw-virtio' is 248"
+            memory_default_mib=512,
+            storage=("virtio", "scsi"),
+            virtio="ccw",
+            nic_model="virtio-net-ccw",
+            acpi=False,
+            # A quiesce signal, which the kernel answers with ctrl-alt-del: a restart, and
+            # -no-reboot ends QEMU (no sync first: use poweroff in the guest for that).
+            powerdown="SCLP quiesce signal (the kernel restarts, so QEMU ends)",
+            # The TCG CPU has no random number facility, so the decompressor says on every boot
+            # that KASLR is off; it says nothing when asked for none.
+            append=("nokaslr",),
+        ),
+        Board(
+            machine="malta",
+            arch="mips64el",
+            description="MIPS Malta: MIPS64 5KEc, virtio-pci behind its GT-64120, IDE",
+            cpu="5KEc",  # what Debian's 5kc-malta flavour is built for
+            console="ttyS0",
+            # QEMU takes 16, but a 5KEc has no multi-threading or CPS: the kernel sees one.
+            smp_max=1,
+            memory_max_mib=2048,  # QEMU: "Too much memory for this machine: 2049MB, maximum 2048MB"
+            memory_default_mib=256,
+            storage=("virtio", "scsi", "ide"),
+            acpi=False,
+            # QEMU raises a power button on the PIIX4, but Linux on MIPS has no ACPI to read it.
+            powerdown="",
+            # The kernel cannot parse its own built-in certificate list (KERN_ERR, every boot).
+            # Its first lines show even so: the boot console starts before `quiet` is read.
+            noisy_errors=True,
+        ),
+    )
+)
+
+DEFAULT_MACHINE = {
+    "x86_64": "q35",
+    "aarch64": "virt",
+    "arm": "virt",
+    "i386": "pc",
+    "ppc64le": "pseries",
+    "s390x": "s390-ccw-virtio",
+    "mips64el": "malta",
+}
 
 # Guest modules that serve only virtio devices, or the SCSI and CD-ROM a board gets only over
 # virtio. Each insmod costs TCG time: on raspi2b (4 vCPUs of 32-bit ARM) loading these took 6 s
@@ -249,9 +373,39 @@ VIRTIO_MODULES = frozenset(
 )
 
 
+# The guest driver of each virtio transport: (kernel config option, module name). s390's
+# virtio-ccw driver is built by S390_GUEST, and is no module in Debian's kernel.
+VIRTIO_BUS = {
+    "pci": ("VIRTIO_PCI", "virtio_pci"),
+    "mmio": ("VIRTIO_MMIO", "virtio_mmio"),
+    "ccw": ("S390_GUEST", "virtio_ccw"),
+}
+
+
 def guest_modules(board: Board, modules: Iterable[str]) -> list[str]:
     """The initramfs's default modules that can serve something on this board."""
     return [m for m in modules if board.virtio or m not in VIRTIO_MODULES]
+
+
+# The machines qlaunch.vm.hotplug plugs devices into: q35's root ports, pc's root bus.
+HOTPLUG_MACHINES = ("q35", "pc")
+
+
+def cannot(board: Board) -> dict[str, str]:
+    """What a board cannot do, each with the one line that refuses it ("hotplug", "powerdown",
+    "migration"); empty when it can do all three."""
+    out: dict[str, str] = {}
+    if board.machine not in HOTPLUG_MACHINES:
+        why = "has no PCI bus" if board.virtio != "pci" else "gets no hotplug ports from qlaunch"
+        out["hotplug"] = f"{board.machine} {why}, so nothing can be plugged in while it runs"
+    if not board.powerdown:
+        out["powerdown"] = (
+            f"{board.machine} has no way to ask the guest to power off (system_powerdown "
+            "does nothing there)"
+        )
+    if not board.migration:
+        out["migration"] = f"QEMU cannot migrate {board.machine}, so it cannot be saved"
+    return out
 
 
 def board_for(arch: str, machine: str) -> Board | None:

@@ -417,6 +417,13 @@ def build(data: dict[str, Any], *, name: str, source: str) -> Profile:
             f"{source}: [machine] memory: {machine} takes at most "
             f"{_mib(board.memory_max_mib)} of RAM, not {_mib(mem)}"
         )
+    align = board.memory_align_mib
+    if align is not None and mem % align:
+        raise ProfileError(
+            f"{source}: [machine] memory: {machine} takes RAM in steps of {_mib(align)}, "
+            f"not {_mib(mem)}",
+            hint=f'set [machine] memory = "{_mib(-(-mem // align) * align)}"',
+        )
     b = _table(source, data, "boot")
     con = _table(source, data, "console")
     disp = _table(source, data, "display")
@@ -593,7 +600,7 @@ def _check_disk(source: str, n: int, d: Disk) -> None:
 def _firmware(source: str, b: dict[str, Any], arch: str) -> str:
     """[boot] firmware, checked against the arch (what there is to boot: at launch)."""
     fw = str(b["firmware"])
-    if fw == "bios" and arch != "x86_64":
+    if fw == "bios" and arch not in ("x86_64", "i386"):
         raise ProfileError(
             f"{source}: [boot] firmware: there is no BIOS for {arch} guests",
             hint='use firmware = "uefi" (or "auto"), or boot a kernel directly',

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlaunch import units
+from qlaunch.config import boards
 from qlaunch.errors import UsageError
 
 
@@ -124,8 +125,15 @@ class Setting:
 ARRAY_SECTIONS = ("disk", "net", "share")
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("machine", "arch", str, "x86_64", "guest architecture", ("x86_64", "aarch64", "arm")),
-    Setting("machine", "machine", str, None, "QEMU machine (board); default per arch: q35, virt"),
+    Setting("machine", "arch", str, "x86_64", "guest architecture", boards.ARCHES),
+    Setting(
+        "machine",
+        "machine",
+        str,
+        None,
+        "QEMU machine (board); default per arch: q35, virt, pc (i386), pseries, s390-ccw-virtio,"
+        " malta",
+    ),
     Setting("machine", "cpu", str, None, "CPU model; default per board, `host` under KVM"),
     Setting("machine", "smp", int, 1, "number of virtual CPUs", convert=_positive),
     Setting(

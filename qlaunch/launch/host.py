@@ -12,6 +12,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,14 +21,20 @@ from qlaunch.boot import firmware
 from qlaunch.config.boards import QEMU_BINARY
 
 KVM_CREATE_VM = 0xAE01  # _IO(KVMIO=0xAE, 0x01)
-HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd")
+HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd", "kvm_hv")  # kvm_hv: POWER's hypervisor mode
 _HOST_ARCH = {
     "x86_64": "x86_64",
     "amd64": "x86_64",
     "aarch64": "aarch64",
     "arm64": "aarch64",
     "armv7l": "arm",
+    "i386": "i386",
+    "i686": "i386",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
 }
+if sys.byteorder == "little":
+    _HOST_ARCH["mips64"] = "mips64el"  # uname says mips64 for both byte orders
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class HostFacts:
     def kvm_for(self, guest_arch: str) -> Verdict:
         """KVM runs a guest only of the host's own architecture (said first: for a foreign
         guest that is the reason, whatever the state of /dev/kvm)."""
-        if guest_arch != self.arch:
+        if guest_arch != self.arch and (guest_arch, self.arch) != ("i386", "x86_64"):
             return Verdict(False, f"KVM cannot run {guest_arch} guests on this {self.arch} host")
         return self.kvm
 
@@ -109,7 +116,7 @@ def probe_kvm(
     if hw:
         return Verdict(True, f"{KVM_DEV} works ({hw[0]})")
     # Arm hosts have KVM in the kernel proper, without a vendor module.
-    if (arch or host_arch()) == "aarch64" and "kvm" in loaded:
+    if (arch or host_arch()) in ("aarch64", "s390x") and "kvm" in loaded:
         return Verdict(True, f"{KVM_DEV} works (kvm)")
     others = sorted(m for m in loaded if m != "kvm")
     if others:

@@ -18,7 +18,8 @@ from qlaunch.storage import outfile
 log = logging.getLogger(__name__)
 
 ASSET_RE = re.compile(r"^asset:([A-Za-z0-9_-]+)/(.+)$")
-DEFAULT_SET = {"x86_64": "x86_64", "aarch64": "aarch64", "arm": "arm"}
+# Each arch's asset set is named for it (x86_64 also has x86_64-generic).
+DEFAULT_SET = {a: a for a in ("x86_64", "aarch64", "arm", "i386", "ppc64le", "s390x", "mips64el")}
 
 
 def asset_path(ref: str, cache: Path, source: str = "profile") -> str:

@@ -1,8 +1,9 @@
 """Reading a guest's serial console: kernel failure patterns, qlaunch's markers, the last lines.
 
 Pure: bytes in, findings out, no clock and no I/O, so every pattern is unit-tested. The patterns
-are the ones kernel CI tools (LAVA, syzkaller) match. Exit codes live here beside the patterns
-they belong to, so the README's table and the code cannot drift apart.
+are the ones kernel CI tools (LAVA, syzkaller) match, plus the shapes of the die() reports of
+s390 and mips, which differ from x86's, ARM's and powerpc's. Exit codes live here beside the
+patterns they belong to, so the README's table and the code cannot drift apart.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ PATTERNS: tuple[Pattern, ...] = (
     _p("oops", "oops", r"^invalid opcode: ", EXIT_OOPS),
     _p("oops", "oops", r"^divide error: ", EXIT_OOPS),
     _p("oops", "UBSAN report", r"^UBSAN: ", EXIT_OOPS),
+    # s390's die(): "illegal operation: 0001 ilc:1 [#1] SMP" and its kin, one per program check
+    # ("Oops: 0004 ilc:3 [#1]" is caught above).
+    _p("oops", "oops", r"^\w[\w -]{2,60}: [0-9a-f]{4} ilc:\d \[#\d+\]", EXIT_OOPS),
+    # mips's die(): "Oops[#1]:", "Kernel bug detected[#1]:", "Reserved instruction in kernel
+    # code[#1]:"..., the reason and a counter alone on their line.
+    _p("oops", "oops", r"^[A-Z][A-Za-z ,-]{2,60}\[#\d+\]:\s*$", EXIT_OOPS),
     _p("warning", "kernel WARNING", r"^WARNING: ", EXIT_WARNING),
 )
 

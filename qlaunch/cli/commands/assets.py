@@ -16,7 +16,8 @@ def register(sub: Any) -> None:
     f.add_argument(
         "--arch",
         default="x86_64",
-        help="comma-separated asset sets: x86_64, x86_64-generic, aarch64, arm (default x86_64)",
+        help="comma-separated asset sets: x86_64, x86_64-generic, aarch64, arm, i386, ppc64le, "
+        "s390x, mips64el (default x86_64)",
     )
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     f.set_defaults(func=cmd_fetch)

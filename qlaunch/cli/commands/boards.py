@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
         help="boards, their CPU and RAM limits, and whether their QEMU binary is installed",
         description="Every board (arch and machine) a profile can name: its CPU and RAM limits, "
         "console, DTB, storage and NIC, the QEMU binary that serves it and whether that is "
-        "installed, and the profiles that use it.",
+        "installed, the profiles that use it, and what it cannot do (hotplug, powerdown, "
+        "migration).",
     )
     p.add_argument("--json", action="store_true", help="a JSON list with every field")
     p.set_defaults(func=cmd_boards)
@@ -63,6 +64,7 @@ def board_report() -> list[dict[str, Any]]:
                     "fixed": b.memory_fixed_mib,
                     "max": b.memory_fixed_mib or b.memory_max_mib,
                     "default": b.memory_default_mib,
+                    "align": b.memory_align_mib,
                 },
                 "console": b.console,
                 "console_serial": b.console_serial,
@@ -74,6 +76,8 @@ def board_report() -> list[dict[str, Any]]:
                 "virtio": b.virtio or None,
                 "nic_model": b.nic_model,
                 "acpi": b.acpi,
+                "powerdown": b.powerdown or None,
+                "cannot": boards.cannot(b),
                 "halts_on_poweroff": b.halts_on_poweroff,
                 "default_for_arch": boards.DEFAULT_MACHINE[arch] == machine,
                 "profiles": uses.get((arch, machine), []),
@@ -107,11 +111,12 @@ def cmd_boards(args: argparse.Namespace) -> int:
             "qemu": r["qemu_binary"],
             "installed": "yes" if r["installed"] else "NO",
             "profiles": ",".join(r["profiles"]) or "-",
+            "cannot": ",".join(r["cannot"]) or "-",
         }
         for r in rows
     ]
     columns = ["arch", "machine", "cpus", "ram", "console", "storage", "nic", "qemu"]
-    output.table(table, [*columns, "installed", "profiles"])
+    output.table(table, [*columns, "installed", "profiles", "cannot"])
     missing = sorted({r["qemu_package"] for r in rows if not r["installed"]})
     if missing:
         print(

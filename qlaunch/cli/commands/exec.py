@@ -9,6 +9,7 @@ from typing import Any
 from qlaunch.cli import output
 from qlaunch.cli.argtypes import positive
 from qlaunch.cli.commands.core import add_set_arg
+from qlaunch.config import boards
 
 EXAMPLES = """\
 examples:
@@ -39,10 +40,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--kernel",
         metavar="PATH|asset:SET",
-        help="bzImage/vmlinuz (x86_64), Image or vmlinuz (aarch64), zImage (arm); or an asset "
+        help="bzImage/vmlinuz (x86_64, i386), Image or vmlinuz (aarch64), zImage (arm), vmlinux "
+        "(ppc64le), vmlinuz (s390x, mips64el); or an asset "
         "set (its kernel and modules); default: the profile's kernel",
     )
-    p.add_argument("--arch", choices=("x86_64", "aarch64", "arm"), help="default: from the kernel")
+    p.add_argument("--arch", choices=boards.ARCHES, help="default: from the kernel")
     p.add_argument(
         "--profile",
         action="append",
