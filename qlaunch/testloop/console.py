@@ -32,6 +32,9 @@ EXCERPT_MAX = 60
 
 # printk's "[    1.234567]" time stamp and optional "[    T1]" caller id.
 _PREFIX_RE = re.compile(r"^(?:\[\s*\d+\.\d+\])?(?:\[\s*[CT]\d+\])?\s*")
+# A kernel message that cut into a framed line before its newline: printk's exact stamp, not at
+# the start of the line's text (seen when a command writes, then crashes the kernel at once).
+_CUT_IN_RE = re.compile(rb"(?<=.)\[ *\d+\.\d{6}\] ")
 
 
 @dataclass(frozen=True)
@@ -169,10 +172,15 @@ class ConsoleScanner:
             i = raw.find(marker)
             if i >= 0:
                 body = raw[i + len(marker) :]
+                cut = _CUT_IN_RE.search(body)
+                kernel = body[cut.start() :] if cut else b""
+                body = body[: cut.start()] if cut else body
                 sink.append(body[: -len(FRAME_END)] if body.endswith(FRAME_END) else body + b"\n")
                 if raw[:i].strip():
                     # A kernel message that the frame interrupted keeps its part.
                     self._judge(raw[:i].decode(errors="replace"), console, raw[:i])
+                if kernel:
+                    self._judge(kernel.decode(errors="replace"), console, kernel)
                 return
         self._judge(raw.decode(errors="replace"), console, raw)
 

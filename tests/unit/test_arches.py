@@ -218,3 +218,19 @@ def test_oops_shapes_of_each_arch(line: str) -> None:
 )
 def test_ordinary_lines_of_each_arch(line: str) -> None:
     assert con.match(line) is None
+
+
+def test_a_kernel_message_cutting_into_a_framed_line_is_the_kernels() -> None:
+    """A command that writes and then crashes the kernel at once: the framed line's newline
+    never comes, and the kernel's next message lands on the same console line."""
+    s = con.ConsoleScanner()
+    c = s.feed(
+        b"QLAUNCH_O:before[    6.959382] sysrq: Trigger a crash\r\n"
+        b"[    6.960001] Kernel panic - not syncing: sysrq triggered crash\r\n"
+        b"QLAUNCH_O:[    1.000000] a dmesg line the command printed\r\n"
+        b"QLAUNCH_E:x [ 1.5] y\r\n"
+    )
+    assert c.stdout == b"before\n[    1.000000] a dmesg line the command printed\n"
+    assert c.stderr == b"x [ 1.5] y\n"
+    assert c.console.startswith(b"[    6.959382] sysrq: Trigger a crash\n")
+    assert s.finding is not None and s.finding.title == "kernel panic"
