@@ -23,7 +23,7 @@ from goldens import NO_KVM, Case, cases, render
 from qlaunch import paths
 from qlaunch.boot import firmware
 from qlaunch.config import profile
-from qlaunch.launch import extras
+from qlaunch.launch import extras, resolve
 from qlaunch.launch.argv import firmware_for
 from qlaunch.vm.qmp import Monitor
 
@@ -44,7 +44,7 @@ def _real_sets(case: Case, work: Path) -> list[str]:
     raw = profile.load(str(case.path))
     sets = []
     cache = paths.cache_dir() / "assets"
-    arch_set = {"x86_64": "x86_64", "aarch64": "aarch64", "arm": "arm"}[raw.machine.arch]
+    arch_set = resolve.DEFAULT_SET[raw.machine.arch]
     if raw.boot.kernel and not raw.boot.kernel.startswith("asset:"):
         sets.append(f"boot.kernel={cache / arch_set / 'kernel'}")
     if raw.boot.initrd and raw.boot.initrd != "qlaunch":
