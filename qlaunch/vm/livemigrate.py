@@ -233,10 +233,10 @@ class _Source:
                         )
                 info = self._migrate(mon, local_mig, max_downtime_ms, bandwidth_mib, moved)
                 t_done = time.monotonic()
+                # The guest is paused here; it must run there before it may end here.
+                self.committed = True
+                chan.send({"op": "commit"})
             log.debug("%s: stream complete (%.2f s)", vm.name, t_done - t0)
-            # The guest is paused here; it must run there before it may end here.
-            self.committed = True
-            chan.send({"op": "commit"})
             try:
                 answer = chan.receive_or_eof(COMMIT_TIMEOUT, "commit")
             except HostError:
@@ -712,6 +712,7 @@ class _Destination:
         self.made: list[str] = []  # disks made here
         self.data_made = False
         self.started: str | None = None  # a start was tried under this name
+        self.mon: Monitor | None = None
         self.hdr: dict[str, Any] = {}
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -787,44 +788,46 @@ class _Destination:
             shared_disks=not hdr.get("copy_storage"),
         )
         vm = self.vm
-        with vm.monitor(purpose="migrate-incoming") as mon:
-            want = hdr.get("qemu") or {}
-            machine = str(mon.execute("qom-get", {"path": "/machine", "property": "type"}))
-            if mon.version != want.get("version") or machine != want.get("machine"):
-                raise QemuError(
-                    f"QEMU {mon.version} ({machine}) there, {want.get('version')} "
-                    f"({want.get('machine')}) on the source: a live migration needs the same",
-                    hint="install the same QEMU version on both hosts",
-                )
-            for sock in (MIGRATE_SOCK, NBD_SOCK):
-                state.check_socket_path(vm.dir / sock)
-            mon.execute("migrate-incoming", {"uri": f"unix:{vm.dir / MIGRATE_SOCK}"})
-            if moved:
+        # Held until the switch-over, so that the commit needs no new connection (the guest
+        # is paused meanwhile); `qlaunch status` there says who holds it.
+        self.mon = mon = vm.monitor(purpose="migrate-incoming")
+        want = hdr.get("qemu") or {}
+        machine = str(mon.execute("qom-get", {"path": "/machine", "property": "type"}))
+        if mon.version != want.get("version") or machine != want.get("machine"):
+            raise QemuError(
+                f"QEMU {mon.version} ({machine}) there, {want.get('version')} "
+                f"({want.get('machine')}) on the source: a live migration needs the same",
+                hint="install the same QEMU version on both hosts",
+            )
+        for sock in (MIGRATE_SOCK, NBD_SOCK):
+            state.check_socket_path(vm.dir / sock)
+        mon.execute("migrate-incoming", {"uri": f"unix:{vm.dir / MIGRATE_SOCK}"})
+        if moved:
+            mon.execute(
+                "nbd-server-start",
+                {"addr": {"type": "unix", "data": {"path": str(vm.dir / NBD_SOCK)}}},
+            )
+            nodes = {
+                b["device"]: b["inserted"]["node-name"]
+                for b in mon.execute("query-block")
+                if b.get("inserted")
+            }
+            for b in mon.execute("query-named-block-nodes"):
+                if re.fullmatch(r"hpdisk\d+", str(b.get("node-name", ""))):
+                    nodes.setdefault(b["node-name"], b["node-name"])
+            for dev in sorted(moved):
+                if dev not in nodes:
+                    raise StateError(f"the VM there has no drive {dev}: not the same machine")
                 mon.execute(
-                    "nbd-server-start",
-                    {"addr": {"type": "unix", "data": {"path": str(vm.dir / NBD_SOCK)}}},
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": JOB + dev,
+                        "node-name": nodes[dev],
+                        "name": dev,
+                        "writable": True,
+                    },
                 )
-                nodes = {
-                    b["device"]: b["inserted"]["node-name"]
-                    for b in mon.execute("query-block")
-                    if b.get("inserted")
-                }
-                for b in mon.execute("query-named-block-nodes"):
-                    if re.fullmatch(r"hpdisk\d+", str(b.get("node-name", ""))):
-                        nodes.setdefault(b["node-name"], b["node-name"])
-                for dev in sorted(moved):
-                    if dev not in nodes:
-                        raise StateError(f"the VM there has no drive {dev}: not the same machine")
-                    mon.execute(
-                        "block-export-add",
-                        {
-                            "type": "nbd",
-                            "id": JOB + dev,
-                            "node-name": nodes[dev],
-                            "name": dev,
-                            "writable": True,
-                        },
-                    )
         state.log(vm.dir, "migrate: waiting for the VM's state from its source")
         self.send(
             {
@@ -839,7 +842,9 @@ class _Destination:
         vm = self.vm
         assert vm is not None
         hdr = self.hdr
-        with vm.monitor(purpose="migrate-incoming") as mon:
+        mon = self.mon
+        assert mon is not None
+        with mon:
             deadline = time.monotonic() + COMMIT_TIMEOUT
             while True:
                 info = mon.execute("query-migrate")
@@ -857,6 +862,7 @@ class _Destination:
                 mon.execute("nbd-server-stop")
             if hdr.get("running"):
                 mon.execute("cont")
+        self.mon = None
         _settle(vm, hdr)
         self.vm = self.started = None  # it is the VM's own now: undo no longer applies
         self.send({"op": "running"})
@@ -864,6 +870,10 @@ class _Destination:
     def undo(self) -> None:
         """Nothing of the VM stays: its state, its data, the disks made for it."""
         from qlaunch.vm.api import VM
+
+        if self.mon is not None:
+            self.mon.close()  # the stop below needs the monitor
+            self.mon = None
 
         if self.started is not None and self.vm is None:
             # A start that failed keeps QEMU's log for the user; there is no user here.
