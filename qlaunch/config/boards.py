@@ -383,8 +383,14 @@ VIRTIO_BUS = {
 
 
 def guest_modules(board: Board, modules: Iterable[str]) -> list[str]:
-    """The initramfs's default modules that can serve something on this board."""
-    return [m for m in modules if board.virtio or m not in VIRTIO_MODULES]
+    """The initramfs's default modules that can serve something on this board: no virtio
+    modules without virtio, and of the transports' drivers only the board's own."""
+    other_buses = {mod for t, (_, mod) in VIRTIO_BUS.items() if t != board.virtio}
+    return [
+        m
+        for m in modules
+        if (board.virtio or m not in VIRTIO_MODULES) and (not board.virtio or m not in other_buses)
+    ]
 
 
 # The machines qlaunch.vm.hotplug plugs devices into: q35's root ports, pc's root bus.

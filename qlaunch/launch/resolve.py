@@ -77,8 +77,18 @@ def boot_files(profile: Profile, cmd: list[str] | None, workdir: Path) -> BootFi
 
         aset = assets.require(asset_set_of(profile))
         defaults = initramfs.DEFAULT_MODULES.get(aset.arch, [])
+        pack: list[str] = []
+        if cmd:
+            # A command's guest loads what its devices need; the rest waits for modprobe.
+            defaults, pack = initramfs.command_modules(
+                aset.arch,
+                disks=bool(profile.disks),
+                nets=bool(profile.nets),
+                shares=bool(profile.shares),
+            )
         modules = boards.guest_modules(profile.board, defaults) + list(profile.boot.modules)
-        base = initramfs.build_initramfs(aset, modules)
+        pack = boards.guest_modules(profile.board, pack)
+        base = initramfs.build_initramfs(aset, modules, pack=pack)
         initrd = str(base)
         if cmd:
             initrd = str(initramfs.initrd_with_command(base, cmd, workdir / "initrd.cpio.gz"))

@@ -234,3 +234,15 @@ def test_a_kernel_message_cutting_into_a_framed_line_is_the_kernels() -> None:
     assert c.stderr == b"x [ 1.5] y\n"
     assert c.console.startswith(b"[    6.959382] sysrq: Trigger a crash\n")
     assert s.finding is not None and s.finding.title == "kernel panic"
+
+
+def test_a_command_loads_only_what_its_devices_need() -> None:
+    from qlaunch.boot import initramfs
+
+    load, pack = initramfs.command_modules("i386", disks=False, nets=False, shares=False)
+    assert load == ["virtio_pci", "virtio_mmio", "evdev", "button"]
+    assert "virtio_blk" in pack and "ext4" in pack and not set(load) & set(pack)
+    load, _ = initramfs.command_modules("s390x", disks=True, nets=True, shares=False)
+    assert {"virtio_blk", "ext4", "virtio_net"} <= set(load) and "9p" not in load
+    b = boards.BOARDS["s390x", "s390-ccw-virtio"]
+    assert "virtio_pci" not in boards.guest_modules(b, initramfs.DEFAULT_MODULES["i386"])
