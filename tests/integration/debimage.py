@@ -4,6 +4,9 @@ recipe builds a new one and an unchanged recipe never builds twice (also across 
 
     base = debian_image("x86_64", "bios")      # read-only: give each VM an overlay
     disk = overlay(base, tmp_path / "disk.qcow2")
+
+$QLAUNCH_TEST_DEBIAN_X86_64_BIOS (and so on for other arches and firmware) names an image to
+use instead, e.g. while the recipe is being changed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def recipe_key(arch: str, firmware: str) -> str:
 def debian_image(arch: str = "x86_64", firmware: str = "bios") -> Path:
     """The cached image for arch and firmware, built first if the recipe changed. Several
     test processes asking at once build it once (a lock beside the cache)."""
+    given = os.environ.get(f"QLAUNCH_TEST_DEBIAN_{arch.upper()}_{firmware.upper()}")
+    if given:
+        return Path(given)  # a developer's own image (made with image build), as it is
     d = cache_dir()
     out = d / f"debian12-{arch}-{firmware}-{recipe_key(arch, firmware)}.qcow2"
     with open(d / f".{out.name}.lock", "w") as lock:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from debimage import debian_image, overlay
-from vmlab import jq, ok, ql, reap_all, row
+from vmlab import QLAUNCH, jq, ok, ql, reap_all, row
 
 from qlaunch.vm.agent import Agent
 
@@ -201,6 +201,19 @@ def test_ssh_passes_the_exit_status_and_runs_through_the_remote_shell(guest: Gue
     assert r.returncode == 0 and "ssh-ed25519" in r.stdout, r
     r = ql("ssh", guest.name, "--user", "nobody-here", "--", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr, r.stderr
+
+
+def test_interactive_shell_on_a_terminal(guest: Guest) -> None:
+    # script(1) gives qlaunch a terminal: ssh gets one too and runs a login shell.
+    r = subprocess.run(
+        ["script", "-qec", f"{QLAUNCH[0]} ssh {guest.name}", "/dev/null"],
+        input="tty; echo shell-$((40 + 2)); exit 3\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "shell-42" in r.stdout and "/dev/pts/" in r.stdout, r.stdout
 
 
 def test_snapshot_freezes_and_thaws(guest: Guest) -> None:
