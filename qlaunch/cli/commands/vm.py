@@ -297,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for i, nic in enumerate(st.get("nics") or []):
         out.append((f"nic {i}", _nic_line(nic)))
     if st.get("sockets", {}).get("agent") and st.get("pid"):
-        out.append(("guest agent", _agent_line(st.get("agent"))))
+        out.append(("agent", _agent_line(st.get("agent"))))
     if st.get("addresses"):
         out.append(("addresses", ", ".join(_address(a) for a in st["addresses"])))
     for dev in st.get("hotplug") or []:
