@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-ASSETS ?= x86_64,x86_64-generic,aarch64,arm
+# The guest kernels the default job and the tests boot (tests/integration/test_arches_boot.py
+# boots every arch); `qlaunch assets fetch --arch SET` adds any other.
+ASSETS ?= x86_64,x86_64-generic,aarch64,arm,i386,ppc64le,s390x,mips64el
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint unit golden bench clean
