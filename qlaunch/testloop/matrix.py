@@ -1,8 +1,11 @@
-"""`qlaunch exec` on several profiles at once: parallel runs, a summary, JUnit and JSON files.
+"""`qlaunch exec` on several profiles at once: cells, parallel runs, a summary, JUnit and JSON.
 
-Runs are threads, each driving its own QEMU (the emulation happens in QEMU's processes, so a
-thread per run costs nothing); at most `jobs` at once, by default one per host core. Each run's
-output lines reach the terminal as they come, prefixed with the run's name.
+What every backend shares: a matrix file becomes cells (ExecSpecs with distinct names), and
+results become the summary table, JUnit and JSON, whichever backend ran them. The local backend
+is here: runs are threads, each driving its own QEMU (the emulation happens in QEMU's
+processes, so a thread per run costs nothing); at most `jobs` at once, by default one per host
+core. Each run's output lines reach the terminal as they come, prefixed with the run's name.
+The Slurm backend (qlaunch.testloop.slurm) hands each cell to a job array task instead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -122,6 +126,48 @@ def load_matrix(path: str, base: testloop.ExecSpec) -> list[testloop.ExecSpec]:
     return [_apply(common, r, f"{path}: [[run]] #{i}") for i, r in enumerate(runs)]
 
 
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # JSON's escapes are TOML's (\uXXXX for control characters); DEL must be escaped too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return "[" + ", ".join(_toml(v) for v in value) + "]"
+
+
+def _share_text(share: testloop.Share) -> str:
+    return f"{share.host}:{share.guest}" + (":ro" if share.readonly else "")
+
+
+def matrix_toml(specs: Sequence[testloop.ExecSpec], header: str = "") -> bytes:
+    """A matrix file that load_matrix reads back as exactly these specs: every key spelled
+    out in each [[run]], nothing left to the command line (console_log aside: it is per run).
+    Paths are written as they are: the caller makes them absolute for where it is read."""
+    fields = {f: key for key, (f, _) in _KEYS.items()}
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    for spec in specs:
+        lines += ["", "[[run]]"]
+        # The name first: it is what a reader looks for in each table.
+        order = sorted(dataclasses.fields(spec), key=lambda f: f.name != "name")
+        for f in order:
+            value = getattr(spec, f.name)
+            if f.name not in fields or value is None:
+                continue
+            if f.name == "shares":
+                value = [_share_text(s) for s in value]
+            lines.append(f"{fields[f.name]} = {_toml(value)}")
+    try:
+        return ("\n".join(lines) + "\n").encode()
+    except UnicodeEncodeError as e:
+        raise UsageError(
+            f"a run's {e.object[max(0, e.start - 20) : e.end]!r} is not valid text: "
+            "it cannot go into a matrix file",
+            hint="names, paths and arguments must be UTF-8",
+        ) from None
+
+
 def unique_names(specs: Sequence[testloop.ExecSpec]) -> list[testloop.ExecSpec]:
     """Every run gets a distinct name (its profile's, numbered when one repeats)."""
     out: list[testloop.ExecSpec] = []
@@ -188,18 +234,20 @@ class PrefixSink:
                 self._lines(which, b"\n", stream)
 
 
-def _error_result(plan: testloop.Plan, e: QlaunchError) -> testloop.Result:
+def error_result(name: str, profile: str, kernel: str, e: QlaunchError) -> testloop.Result:
+    """A run that stopped with an error before or instead of a verdict (QEMU failed, or on a
+    Slurm node: the kernel or assets are not there): its code is the error's."""
     hint = f" (hint: {e.hint})" if e.hint else ""
     return testloop.Result(
-        name=plan.name,
+        name=name,
         code=e.exit_code,
         stdout="",
         stderr="",
         console="",
         verdict="error",
         message=f"{e.message}{hint}",
-        profile=plan.profile.name,
-        kernel=plan.kernel_label,
+        profile=profile,
+        kernel=kernel,
     )
 
 
@@ -265,7 +313,7 @@ def _run_plans(
             result = testloop.execute(plan, sink, show_console=show_console)
             result.notes = list(sink.notes)
         except QlaunchError as e:
-            result = _error_result(plan, e)
+            result = error_result(plan.name, plan.profile.name, plan.kernel_label, e)
         finally:
             sink.close()
         if not interrupted.is_set():  # a run we killed has nothing to report
@@ -290,7 +338,18 @@ def _run_plans(
             raise
 
 
-def summary_rows(results: Sequence[testloop.Result]) -> list[dict[str, Any]]:
+def this_node() -> str:
+    """The name a run's node goes by in reports: the host's short name, as Slurm's are."""
+    return socket.gethostname().split(".")[0]
+
+
+def _nodes(results: Sequence[testloop.Result], nodes: Sequence[str] | None) -> list[str]:
+    return list(nodes) if nodes is not None else [this_node()] * len(results)
+
+
+def summary_rows(
+    results: Sequence[testloop.Result], nodes: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     return [
         {
             "name": r.name,
@@ -299,8 +358,9 @@ def summary_rows(results: Sequence[testloop.Result]) -> list[dict[str, Any]]:
             "result": "ok" if r.ok else ("failed" if r.verdict == "exit" else r.verdict),
             "code": r.code,
             "time": f"{r.duration:.1f}s",
+            "node": node,
         }
-        for r in results
+        for r, node in zip(results, _nodes(results, nodes), strict=True)
     ]
 
 
@@ -314,7 +374,11 @@ def _xml_text(text: str) -> str:
     return _XML_BAD.sub("\ufffd", text)
 
 
-def junit_xml(results: Sequence[testloop.Result], suite: str = "qlaunch exec") -> bytes:
+def junit_xml(
+    results: Sequence[testloop.Result],
+    suite: str = "qlaunch exec",
+    nodes: Sequence[str] | None = None,
+) -> bytes:
     failures = sum(1 for r in results if not r.ok and r.verdict != "error")
     errors = sum(1 for r in results if r.verdict == "error")
     total_time = f"{sum(r.duration for r in results):.3f}"
@@ -337,7 +401,7 @@ def junit_xml(results: Sequence[testloop.Result], suite: str = "qlaunch exec") -
         time=total_time,
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    for r in results:
+    for r, node in zip(results, _nodes(results, nodes), strict=True):
         tc = ET.SubElement(
             ts,
             "testcase",
@@ -345,6 +409,9 @@ def junit_xml(results: Sequence[testloop.Result], suite: str = "qlaunch exec") -
             name=r.name,
             time=f"{r.duration:.3f}",
         )
+        # Where it ran: cells of one matrix run on many nodes (pytest writes properties so).
+        props = ET.SubElement(tc, "properties")
+        ET.SubElement(props, "property", name="node", value=_xml_text(node))
         if r.verdict == "error":
             el = ET.SubElement(tc, "error", message=_xml_text(r.message), type="error")
             el.text = _xml_text(r.message)
@@ -360,16 +427,49 @@ def junit_xml(results: Sequence[testloop.Result], suite: str = "qlaunch exec") -
     return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True)) + b"\n"
 
 
-def write_junit(path: str, results: Sequence[testloop.Result]) -> None:
-    _write(path, junit_xml(results))
+def write_junit(
+    path: str, results: Sequence[testloop.Result], nodes: Sequence[str] | None = None
+) -> None:
+    _write(path, junit_xml(results, nodes=nodes))
 
 
-def write_json(path: str, results: Sequence[testloop.Result]) -> None:
-    doc = {
+def json_report(
+    results: Sequence[testloop.Result], nodes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    return {
         "ok": all(r.ok for r in results),
-        "runs": [r.as_dict() for r in results],
+        "runs": [
+            {**r.as_dict(), "node": node}
+            for r, node in zip(results, _nodes(results, nodes), strict=True)
+        ],
     }
-    _write(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def write_json(
+    path: str, results: Sequence[testloop.Result], nodes: Sequence[str] | None = None
+) -> None:
+    _write(path, (json.dumps(json_report(results, nodes), indent=2) + "\n").encode())
+
+
+def result_from_dict(run: dict[str, Any]) -> tuple[testloop.Result, str]:
+    """A run of a JSON report back as a Result and its node (what a Slurm task wrote)."""
+    r = testloop.Result(
+        name=str(run["name"]),
+        code=int(run["code"]),
+        stdout=str(run.get("stdout") or ""),
+        stderr=str(run.get("stderr") or ""),
+        console="",  # the whole console is in the console log, not in reports
+        verdict=str(run["verdict"]),
+        message=str(run.get("message") or ""),
+        excerpt=[str(x) for x in run.get("excerpt") or []],
+        console_tail=[str(x) for x in run.get("console_tail") or []],
+        console_log=run.get("console_log"),
+        duration=float(run.get("duration_s") or 0.0),
+        command_status=run.get("command_status"),
+        profile=str(run.get("profile") or ""),
+        kernel=str(run.get("kernel") or ""),
+    )
+    return r, str(run.get("node") or "")
 
 
 def _write(path: str, data: bytes) -> None:
