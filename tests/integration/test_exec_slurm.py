@@ -247,10 +247,12 @@ def _job_processes(job: str) -> list[int]:
 
 
 def test_ctrl_c_cancels_the_job(cluster: Path, qlaunch_bin: list[str], tmp_path: Path) -> None:
+    # Three sizes of run in one job: Slurm is asked for each one's own memory and time.
     (tmp_path / "m.toml").write_text(
         'timeout = 300\ncmd = ["sleep", "600"]\n'
-        '[[run]]\nname = "a"\nprofile = "default"\n[[run]]\nname = "b"\nprofile = "default"\n'
-        '[[run]]\nname = "c"\nprofile = "default"\n'
+        '[[run]]\nname = "a"\nprofile = "default"\n'
+        '[[run]]\nname = "b"\nprofile = "default"\nmemory = "384M"\n'
+        '[[run]]\nname = "c"\nprofile = "default"\ntimeout = 100\n'
     )
     proc = subprocess.Popen(
         [*qlaunch_bin, "exec", "--matrix", "m.toml", "--on", "slurm"],
@@ -275,6 +277,14 @@ def test_ctrl_c_cancels_the_job(cluster: Path, qlaunch_bin: list[str], tmp_path:
         else:
             pytest.fail(f"the tasks did not start: {_squeue()}")
         assert _job_processes(job)
+        asked = subprocess.run(
+            ["squeue", "--noheader", "--array", f"--jobs={job}", "--format=%K %C %m %l"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        # Guest RAM plus 256 MiB; the timeout plus a minute, in whole minutes.
+        assert sorted(asked.split("\n")[:-1]) == ["0 1 512M 6:00", "1 1 640M 6:00", "2 1 512M 3:00"]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
