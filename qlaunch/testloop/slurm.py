@@ -58,6 +58,7 @@ LOST_GRACE = 10.0  # seconds a task gone from squeue gets for its result to show
 UNANSWERED = 60.0  # seconds of Slurm not answering before a wait gives up
 CANCEL_WAIT = 60.0  # seconds to wait for cancelled tasks to leave squeue
 SLURM_TIMEOUT = 120.0  # seconds one Slurm command may take
+INDEX_KEEP = 200  # job ids remembered for `qlaunch matrix collect JOBID` from anywhere
 
 # File systems every node of a cluster mounts alike: network and cluster file systems.
 NETWORK_FS = frozenset(
@@ -673,6 +674,9 @@ def _remember(job: Job) -> None:
         tmp = d / f".{job.job_id}.{os.getpid()}.tmp"
         tmp.write_text(str(job.directory) + "\n")
         os.replace(tmp, d / job.job_id)
+        entries = sorted(d.iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in entries[: max(0, len(entries) - INDEX_KEEP)]:
+            old.unlink(missing_ok=True)
 
 
 def _read_job(directory: Path) -> Job | None:
