@@ -120,7 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _english_only() -> None:
+    """argparse asks gettext for a translation of every string it formats, and each ask stats
+    a catalogue per language in the environment: about 0.1 s for qlaunch's 60 parsers, on
+    every command. qlaunch's messages are English; the application says so, once."""
+    argparse._ = str  # type: ignore[attr-defined]
+    argparse.ngettext = lambda one, many, n: one if n == 1 else many  # type: ignore[attr-defined]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _english_only()
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
         connect, local_profiles, args_list = remote.split(args_list)
