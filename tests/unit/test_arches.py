@@ -246,3 +246,14 @@ def test_a_command_loads_only_what_its_devices_need() -> None:
     assert {"virtio_blk", "ext4", "virtio_net"} <= set(load) and "9p" not in load
     b = boards.BOARDS["s390x", "s390-ccw-virtio"]
     assert "virtio_pci" not in boards.guest_modules(b, initramfs.DEFAULT_MODULES["i386"])
+
+
+def test_host_probe_knows_every_arch() -> None:
+    from qlaunch.launch import host
+
+    facts = host.probe()
+    assert set(facts.qemu) == set(boards.ARCHES)
+    hw = host.HostFacts(arch="x86_64", kvm=host.Verdict(True, "/dev/kvm works (kvm_intel)"))
+    assert hw.kvm_for("i386").usable  # KVM on x86_64 runs 32-bit guests too
+    assert not hw.kvm_for("ppc64le").usable
+    assert "KVM cannot run s390x guests" in hw.kvm_for("s390x").reason
