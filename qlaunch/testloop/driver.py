@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
-from qlaunch.boot import protocol
+from qlaunch.boot import kernelcheck, protocol
+from qlaunch.config import boards
 from qlaunch.errors import AssetError, ProfileError, QemuError, QlaunchError, UsageError
 from qlaunch.storage import outfile
 from qlaunch.testloop import console as con
@@ -38,7 +39,7 @@ from qlaunch.testloop import trace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROFILE = {"x86_64": "default", "aarch64": "aarch64-virt", "arm": "arm-virt"}
+DEFAULT_PROFILE = kernelcheck.PROFILE_FOR  # each arch's shipped profile
 WATCHDOG_BASE = 30.0  # seconds of silence before the watchdog fires, before TCG scaling
 TCG_SCALE = 10  # syzkaller scales its timeouts about tenfold under TCG
 EXCERPT_WAIT = 2.0  # seconds of console silence after a failure before the excerpt is final
@@ -430,7 +431,7 @@ def _kernel_and_profile(spec: ExecSpec) -> tuple[_Kernel, Any]:
     if spec.profile is None and arch is None and k is not None:
         raise UsageError(
             f"cannot tell which architecture {k.label} is for",
-            hint="give --arch x86_64|aarch64|arm",
+            hint=f"give --arch {'|'.join(boards.ARCHES)}",
         )
     prof = _load_profile(spec, k, arch)
     if k is None:
@@ -534,9 +535,7 @@ def _drivers(
 
 
 def _bus(board: Any) -> tuple[str, str]:
-    if board.virtio == "mmio":
-        return ("VIRTIO_MMIO", "virtio_mmio")
-    return ("VIRTIO_PCI", "virtio_pci")
+    return boards.VIRTIO_BUS[board.virtio or "pci"]
 
 
 @dataclass(frozen=True)
