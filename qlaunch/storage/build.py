@@ -25,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import io
 import json
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -411,13 +413,13 @@ def sfdisk_script(spec: Spec) -> str:
     return f"label: gpt\n{first}\n{root}\n"
 
 
-def mmdebstrap_argv(spec: Spec, target: str, fstab_file: str | None = None) -> list[str]:
-    """fstab_file goes in before the kernel package, whose initramfs then carries fsck for
-    the root's type. (`upload` is one of mmdebstrap's own hook commands, not a shell; it
-    splits its arguments as a shell would, hence the quoting.)"""
+def mmdebstrap_argv(spec: Spec, target: str, early: str | None = None) -> list[str]:
+    """early: a tarball unpacked into the root once the essential packages are in and before
+    the rest (the kernel, initramfs-tools) are. (`tar-in` is one of mmdebstrap's own hook
+    commands, not a shell; it splits its arguments as a shell would, hence the quoting.)"""
     base = spec.mirror.rstrip("/")
     security = f"{base}-security" if base.endswith("/debian") else base
-    hooks = [f"--essential-hook=upload {shlex.quote(fstab_file)} /etc/fstab"] if fstab_file else []
+    hooks = [f"--essential-hook=tar-in {shlex.quote(early)} /"] if early else []
     return [
         "mmdebstrap",
         "--mode=root",
@@ -510,6 +512,51 @@ HOSTS = """\
 ff02::1	ip6-allnodes
 ff02::2	ip6-allrouters
 """
+
+
+INITRAMFS_CONF = """\
+# Written by qlaunch image build: an initramfs with the drivers of QEMU's disks (see
+# ../hooks/qlaunch-vm), not every driver the kernel has. It boots faster under emulation, and
+# building the "most" one runs thousands of programs, minutes under qemu-user.
+MODULES=list
+# The root's fsck, named: the hook's own probe needs /dev/disk/by-uuid, which a build lacks.
+FSTYPE=ext4
+"""
+INITRAMFS_HOOK = """\
+#!/bin/sh
+# Written by qlaunch image build: the drivers for a root file system on any disk QEMU gives
+# (virtio-blk, virtio-scsi, NVMe, AHCI, IDE), and for CD-ROMs, where cloud-init's seed is: its
+# generator looks for the seed before the system's udev loads any driver. udev loads those the
+# VM has. Modules that a kernel does not have (or has built in) are left out without a word.
+PREREQ=""
+prereqs() { echo "$PREREQ"; }
+case "$1" in prereqs) prereqs; exit 0 ;; esac
+. /usr/share/initramfs-tools/hook-functions
+manual_add_modules virtio_pci virtio_mmio virtio_blk virtio_scsi sd_mod sr_mod
+manual_add_modules nvme ahci ata_piix ext4
+"""
+
+
+def early_files(root_uuid: str, esp_id: str | None) -> dict[str, tuple[str, int]]:
+    """Files in place before the kernel package comes, whose initramfs they shape: fstab
+    (fsck for the root's type goes in), the initramfs module policy. path -> (text, mode)."""
+    return {
+        "etc/fstab": (fstab(root_uuid, esp_id), 0o644),
+        "etc/initramfs-tools/conf.d/qlaunch-vm.conf": (INITRAMFS_CONF, 0o644),
+        "etc/initramfs-tools/hooks/qlaunch-vm": (INITRAMFS_HOOK, 0o755),
+    }
+
+
+def _early_tar(path: str, files: dict[str, tuple[str, int]]) -> None:
+    """Owned by root; tar makes the directories on the way (0755)."""
+    with tarfile.open(path, "w") as tar:
+        for name, (text, mode) in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = mode
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(data))
 
 
 def debconf_selections(spec: Spec) -> str:
@@ -628,10 +675,9 @@ class _Builder:
             if line.startswith(("I: ", "Unpacking ", "Setting up ", "Get:")):
                 self.detail(line)
 
-        table = os.path.join(self.work, "fstab")
-        _write(Path(table), fstab(self.root_uuid, self.esp_id))
-        argv = mmdebstrap_argv(self.spec, self.root, fstab_file=table)
-        self.run(argv, "mmdebstrap", on_line=on_line)
+        early = os.path.join(self.work, "early.tar")
+        _early_tar(early, early_files(self.root_uuid, self.esp_id))
+        self.run(mmdebstrap_argv(self.spec, self.root, early), "mmdebstrap", on_line=on_line)
 
     def configure(self) -> None:
         r = Path(self.root)

@@ -166,9 +166,9 @@ def test_partition_tables() -> None:
 
 
 def test_mmdebstrap_argv(tmp_path: Path) -> None:
-    fstab = str(tmp_path / "a dir" / "it's fstab")
+    early = str(tmp_path / "a dir" / "it's early.tar")
     spec = build.Spec("aarch64", "uefi", mirror="http://mirror.example/debian/")
-    argv = build.mmdebstrap_argv(spec, "/t/root", fstab_file=fstab)
+    argv = build.mmdebstrap_argv(spec, "/t/root", early)
     assert argv[:5] == [
         "mmdebstrap",
         "--mode=root",
@@ -179,7 +179,7 @@ def test_mmdebstrap_argv(tmp_path: Path) -> None:
     assert f"--include={','.join(spec.packages)}" in argv
     hook = next(a for a in argv if a.startswith("--essential-hook="))
     # mmdebstrap splits a special hook's words as a shell would (it runs no shell for it)
-    assert shlex.split(hook.removeprefix("--essential-hook=")) == ["upload", fstab, "/etc/fstab"]
+    assert shlex.split(hook.removeprefix("--essential-hook=")) == ["tar-in", early, "/"]
     assert argv[-5:] == [
         "bookworm",
         "/t/root",
@@ -213,6 +213,37 @@ def test_grub_config(arch: str, firmware: str, console: str, serial: bool) -> No
     assert ('GRUB_TERMINAL="console serial"' in defaults) is serial
     early = build.early_grub_cfg("1234-uuid")
     assert early == "search.fs_uuid 1234-uuid root\nset prefix=($root)'/boot/grub'\n"
+
+
+def test_early_files(tmp_path: Path) -> None:
+    """What is in place before the kernel's initramfs is made: fstab, and the module policy
+    with a hook the initramfs runs (executable, or it is skipped)."""
+    import tarfile
+
+    path = tmp_path / "early.tar"
+    build._early_tar(str(path), build.early_files("r-uuid", None))
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {
+            "etc/fstab",
+            "etc/initramfs-tools/conf.d/qlaunch-vm.conf",
+            "etc/initramfs-tools/hooks/qlaunch-vm",
+        }
+        assert members["etc/initramfs-tools/hooks/qlaunch-vm"].mode == 0o755
+        assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+        conf = tar.extractfile("etc/initramfs-tools/conf.d/qlaunch-vm.conf")
+        assert conf is not None
+        conf_text = conf.read()
+        assert b"\nMODULES=list\n" in conf_text
+        hook = tar.extractfile("etc/initramfs-tools/hooks/qlaunch-vm")
+        assert hook is not None
+        text = hook.read().decode()
+    assert text.startswith("#!/bin/sh\n")
+    listed = " ".join(ln for ln in text.splitlines() if ln.startswith("manual_add_modules"))
+    # disks of every bus QEMU gives, and the CD-ROM the cloud-init seed is on
+    for module in ("virtio_pci", "virtio_blk", "virtio_scsi", "sr_mod", "nvme", "ahci", "ext4"):
+        assert f" {module}" in listed
+    assert b"\nFSTYPE=ext4\n" in conf_text
 
 
 def test_fstab_and_debconf() -> None:
