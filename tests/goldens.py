@@ -34,6 +34,7 @@ FW = {
     "swtpm": "/usr/bin/swtpm",
     "virtiofsd": "/usr/lib/qemu/virtiofsd",
     "root": True,
+    "cpus": 2,  # the CI machine's: raspi3b's four vCPUs get single-threaded TCG
 }
 NO_KVM = HostFacts(arch="x86_64", kvm=Verdict(False, "/dev/kvm is provided by kvm_pvm"), **FW)
 HW_KVM = HostFacts(arch="x86_64", kvm=Verdict(True, "/dev/kvm works (kvm_intel)"), **FW)

@@ -75,6 +75,8 @@ class Board:
     # (panics and oopses still show).
     noisy_errors: bool = False
     memory_align_mib: int | None = None  # RAM must be a multiple of this
+    # Single-threaded TCG when the board has more vCPUs than the host has cores (see raspi3b).
+    tcg_single_thread: bool = False
     migration: bool = True  # save/restore (QEMU migration) works
 
     @property
@@ -204,6 +206,12 @@ BOARDS = _register(
         smp_fixed=4,
         memory_fixed_mib=1024,
         memory_default_mib=1024,
+        # Until the kernel starts them, the three secondary CPUs wait in the boot stub's WFE
+        # loop. Multi-threaded TCG runs each in a host thread that never sleeps (a WFE only
+        # yields) and takes QEMU's big lock at every yield: on two host cores they starve the
+        # boot CPU, and a run took 3.6 s to 20 s. One TCG thread for all four measured twice
+        # as fast and steady (bench/boards). raspi2b hangs at boot that way under QEMU 7.2.
+        tcg_single_thread=True,
         dtb="broadcom/bcm2837-rpi-3-b.dtb",
         # The DTB's Bluetooth chip on the PL011 makes the port a serdev bus, not a tty: the
         # console could then be written, never read (no shell). QEMU has no such chip.

@@ -142,7 +142,7 @@ def build_argv(profile: Profile, host: HostFacts, rt: Runtime) -> list[str]:
     machine_opts = [*board.machine_opts, *_machine_res(profile, rt)]
     machine_opts += list(fwargs.machine_opts) if fwargs else []
     argv += ["-machine", ",".join([board.machine, *machine_opts])]
-    argv += ["-accel", accel]
+    argv += ["-accel", _accel_opts(accel, board, m.smp, host)]
     cpu = "host" if accel == "kvm" else (m.cpu or board.cpu)
     if cpu:
         argv += ["-cpu", cpu]
@@ -291,6 +291,12 @@ def _machine_res(profile: Profile, rt: Runtime) -> list[str]:
     if r.hugepages or _shared_ram(rt):
         opts.append(f"memory-backend={RAM_BACKEND}")
     return opts
+
+
+def _accel_opts(accel: str, board: Board, smp: int, host: HostFacts) -> str:
+    if accel == "tcg" and board.tcg_single_thread and host.cpus and smp > host.cpus:
+        return "tcg,thread=single"
+    return accel
 
 
 def _shared_ram(rt: Runtime) -> bool:

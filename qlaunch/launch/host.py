@@ -55,6 +55,7 @@ class HostFacts:
     firmware: tuple[firmware.Descriptor, ...] = ()
     swtpm: str | None = None  # the swtpm binary, for [machine] tpm
     virtiofsd: str | None = None  # QEMU's C virtiofsd, for virtiofs shares
+    cpus: int = 0  # host CPUs this process may run on (0: unknown)
     root: bool = False  # virtiofsd 7.2 sets up its sandbox only as root
 
     def kvm_for(self, guest_arch: str) -> Verdict:
@@ -139,6 +140,7 @@ def probe() -> HostFacts:
         swtpm=shutil.which("swtpm"),
         virtiofsd=VIRTIOFSD if os.access(VIRTIOFSD, os.X_OK) else None,
         root=os.geteuid() == 0,
+        cpus=len(os.sched_getaffinity(0)),
     )
 
 

@@ -47,7 +47,8 @@ def test_exec_streams_apart_shares_and_loads_a_module(
 ) -> None:
     # One boot of the generic kernel (it has 9p) from an unpacked-package tree: the command's
     # stdout and stderr come apart and in order, its exit code comes back, a file it writes
-    # into --share is on the host, and a module from --modules loads.
+    # into --share is on the host, and a module from --modules loads. The tree has no fuse.ko
+    # and virtiofs.ko, so the share falls back from virtiofs to 9p, and one line says why.
     asset = assets.require("x86_64-generic")
     pkg = unpacked_package(
         asset, tmp_path / "pkg", ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "dummy"]
@@ -85,6 +86,12 @@ def test_exec_streams_apart_shares_and_loads_a_module(
     assert r.returncode == 42, r.stderr
     assert r.stdout.splitlines() == [*(f"out {i}" for i in range(1, 6)), "1", str(work)]
     assert their_stderr(r.stderr) == [f"err {i}" for i in range(1, 6)]
+    why = [ln for ln in r.stderr.splitlines() if "over 9p, not virtiofs" in ln]
+    assert why == [
+        f"qlaunch: --share {work}: over 9p, not virtiofs: this kernel has no virtiofs: "
+        f"CONFIG_FUSE_FS and CONFIG_VIRTIO_FS are not built into this kernel, and --modules "
+        f"{pkg} has no fuse.ko, virtiofs.ko"
+    ], r.stderr
     assert (work / "from-guest.txt").read_text() == "written-in-the-guest\n"
     # Nothing of the package's tree was changed (no depmod output written into it).
     assert not (pkg / "lib" / "modules" / asset.version / "modules.dep").exists()

@@ -131,6 +131,14 @@ def test_framed_output_is_split_and_never_judged() -> None:
     assert list(s.tail) == ["[    1.0] a kernel line"]
 
 
+def test_a_stream_end_marker_takes_the_newline_away() -> None:
+    # The guest ends each framed stream with QLAUNCH_EOS right after its last byte: output
+    # that ended in a newline gives an empty frame, output without one keeps its last line.
+    s = ConsoleScanner()
+    chunk = feed_lines(s, "QLAUNCH_O:whole", "QLAUNCH_O:QLAUNCH_EOS", "QLAUNCH_E:cutQLAUNCH_EOS")
+    assert (chunk.stdout, chunk.stderr, chunk.console) == (b"whole\n", b"cut", b"")
+
+
 def test_markers_are_read_and_hidden() -> None:
     s = ConsoleScanner()
     chunk = feed_lines(

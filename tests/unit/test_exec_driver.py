@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ FAKE_QEMU = textwrap.dedent(
         port("stderr", "err line\\n")
         port("status", "7\\n")
         con("QLAUNCH_EXIT=7\\n[    1.0] reboot: Power down\\n")
+    elif scenario == "status-then-linger":
+        # A guest slow to power off: qlaunch has all it needs once the status is in.
+        port("stdout", "done\\n")
+        port("status", "5\\n")
+        time.sleep(60)
     elif scenario == "framed":
         con("QLAUNCH_FALLBACK=no-virtio-console-driver\\n")
         con("QLAUNCH_O:framed out\\nQLAUNCH_E:framed err\\nQLAUNCH_EXIT=3\\n")
@@ -103,6 +109,13 @@ def test_status_and_output_from_the_ports(fake: Path, monkeypatch: pytest.Monkey
     assert (r.stdout, r.stderr) == ("out line\n", "err line\n")
     assert "QLAUNCH" not in r.console and "booting" in r.console
     assert r.report() == []
+
+
+def test_qemu_is_ended_once_the_status_is_in(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    start = time.monotonic()
+    r = run(fake, "status-then-linger", monkeypatch)
+    assert (r.code, r.verdict, r.stdout) == (5, "exit", "done\n")
+    assert time.monotonic() - start < 20  # not the guest's 60 s, nor a grace period
 
 
 def test_framed_output_and_the_fallback_note(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
