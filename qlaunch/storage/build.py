@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from qlaunch import paths
 from qlaunch.errors import HostError, QlaunchError, UsageError
 from qlaunch.spawn import spawn, stop_child
 from qlaunch.storage import holders, image, outfile
@@ -901,12 +902,38 @@ def build(
             check_held(path)
         _publish(qcow2, path, force=force)
         outfile.remember(Path(path))
+    except BuildError as e:
+        log.file.flush()
+        kept = keep_log(log.path, spec)
+        if kept:
+            e.hint = f"{e.hint}; the whole log: {kept}" if e.hint else f"the whole log: {kept}"
+        raise
     finally:
         with _signals_held():
             builder.cleanup()
             log.close()
             shutil.rmtree(work, ignore_errors=True)
     return Built(path, spec, kver, time.monotonic() - started, os.path.getsize(path))
+
+
+KEEP_LOGS = 5
+
+
+def keep_log(src: str, spec: Spec) -> str | None:
+    """A failed build's log, kept in the cache (the newest few) where the error points:
+    everything else of the build goes, and the tail in the message is seldom the whole
+    story."""
+    d = paths.cache_dir() / "logs"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = d / f"image-build-{spec.arch}-{spec.firmware}-{stamp}.log"
+        shutil.copyfile(src, dest)
+        for old in sorted(d.glob("image-build-*.log"), key=os.path.getmtime)[:-KEEP_LOGS]:
+            old.unlink()
+    except OSError:
+        return None
+    return str(dest)
 
 
 def _publish(tmp: str, dst: str, *, force: bool) -> None:

@@ -137,12 +137,14 @@ def leftovers(directory: Path) -> list[str]:
 
 def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     # A mirror nobody answers: mmdebstrap fails once the disk is partitioned and mounted.
-    out = tmp_path / "d.qcow2"
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "d.qcow2"
     r = subprocess.run(
         [QLAUNCH, "image", "build", "debian", "--mirror", "http://127.0.0.1:9/debian", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "QLAUNCH_CACHE": str(tmp_path / "cache")},
     )
     assert r.returncode == 1, r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -151,7 +153,13 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     assert "  | " in r.stderr  # the tool's last lines come before it
     assert "[1/5]" not in r.stderr  # no progress when stderr is not a terminal
     assert "Traceback" not in r.stderr
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path / "out") == []
+    # ...but the whole log, where the error says
+    kept = re.search(r"the whole log: (\S+)\)$", last)
+    assert kept, last
+    log = Path(kept.group(1))
+    assert log.parent == tmp_path / "cache" / "logs"
+    assert "E: Failed to fetch" in log.read_text() and "$ mmdebstrap --mode=root" in log.read_text()
 
 
 @pytest.mark.slow
