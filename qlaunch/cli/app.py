@@ -8,49 +8,51 @@ that `qlaunch cmdline` stays fast.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any, NoReturn
 
 from qlaunch import __version__
 from qlaunch.cli import output
-from qlaunch.cli.commands import (
-    agent,
-    assets,
-    autostart,
-    boards,
-    control,
-    core,
-    image,
-    migrate,
-    net,
-    remote,
-    screenshot,
-    ssh,
-    vm,
-)
-from qlaunch.cli.commands import exec as exec_
+from qlaunch.cli.commands import remote
 from qlaunch.errors import QlaunchError, UsageError
 
-COMMAND_MODULES = [
-    core,
-    assets,
-    net,
-    image,
-    boards,
-    vm,
-    control,
-    agent,
-    ssh,
-    screenshot,
-    autostart,
-    migrate,
-    exec_,
-]
+# The command modules (qlaunch.cli.commands.NAME), in the order --help lists their commands.
+COMMAND_NAMES = (
+    "core",
+    "assets",
+    "net",
+    "image",
+    "boards",
+    "vm",
+    "control",
+    "agent",
+    "ssh",
+    "screenshot",
+    "autostart",
+    "migrate",
+    "exec",
+)
+# Commands whose parser is built alone (their module's, not every module's): exec is the
+# kernel loop, where each run pays for qlaunch's start (about 40 ms of imports and parsers).
+ALONE = {"exec": "exec", "matrix": "exec"}
+
+
+def _command_modules(names: Sequence[str]) -> list[ModuleType]:
+    return [importlib.import_module(f"qlaunch.cli.commands.{n}") for n in names]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMMAND_MODULES":
+        return _command_modules(COMMAND_NAMES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 EXAMPLES = """\
 examples:
@@ -102,7 +104,9 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated(signum)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with only a command word of ALONE, just that command's (the same
+    parser for what it parses)."""
     parser = _Parser(
         prog="qlaunch",
         description="A low-level QEMU launcher: profiles to argv, runs, supervision, QMP.",
@@ -115,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect", metavar="URI", help=remote.HELP)
     parser.add_argument("--local-profile", metavar="FILE", action="append", help=remote.LOCAL_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMAND_MODULES:
+    names = (ALONE[only],) if only in ALONE else COMMAND_NAMES
+    for module in _command_modules(names):
         module.register(sub)
     return parser
 
@@ -150,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Error messages say "run again with --debug": it works after the subcommand too.
     debug = "--debug" in args_list[:end]
     args_list = [a for a in args_list[:end] if a != "--debug"] + args_list[end:]
-    parser = build_parser()
+    parser = build_parser(only=command_word(args_list))
     try:
         args = _parse(parser, args_list)
     except SystemExit as e:

@@ -183,3 +183,30 @@ def test_junit_and_json_reports(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "j.json").read_text())
     assert doc["ok"] is False
     assert [r["code"] for r in doc["runs"]] == [0, 121, 3, 2]
+
+
+def test_exec_parser_alone_parses_as_the_whole_one() -> None:
+    # `qlaunch exec` builds only its own parser (the kernel loop pays for qlaunch's start at
+    # every run): what it parses must be what the whole parser parses.
+    import subprocess
+    import sys
+
+    from qlaunch.cli import app
+
+    lines = [
+        ["exec", "--kernel", "asset:x86_64", "--share", ".", "--share-type", "9p", "--cpus", "2"],
+        ["exec", "--profile", "a", "--profile", "b", "--junit", "o.xml", "--set", "machine.smp=2"],
+        ["matrix", "collect", "12"],
+    ]
+    for line in lines:
+        whole = vars(app.build_parser().parse_args(line))
+        alone = vars(app.build_parser(only=line[0]).parse_args(line))
+        assert {k: v for k, v in alone.items() if k != "func"} == {
+            k: v for k, v in whole.items() if k != "func"
+        }
+    code = (
+        "import sys; from qlaunch.cli.app import build_parser; build_parser(only='exec'); "
+        "print(sorted(m for m in sys.modules if m.startswith('qlaunch.cli.commands.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "qlaunch.cli.commands.vm" not in out.stdout and "commands.exec" in out.stdout
