@@ -31,7 +31,7 @@ INIT_SCRIPT = Path(__file__).resolve().parent / "guest" / "init"
 
 # Bumped whenever the layout of the base image changes, so cached images built by an older
 # qlaunch are not reused.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 _COMMON_MODULES = [
     "virtio_pci",
@@ -538,6 +538,9 @@ def base_entries(
         # The init script's interpreter; everything else is linked at boot by busybox --install.
         Entry.symlink("bin/sh", "busybox"),
         Entry.file("init", init, 0o755),
+        # exec's framed output goes through these (the init need not run mkfifo).
+        Entry("run/qlaunch.o", stat.S_IFIFO | 0o600),
+        Entry("run/qlaunch.e", stat.S_IFIFO | 0o600),
     ]
     listed: list[str] = []
     kept: set[str] = set()
