@@ -21,6 +21,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from qlaunch.boot import busybox
 from qlaunch.boot.assets import AssetSet
 from qlaunch.errors import AssetError
 from qlaunch.paths import cache_dir
@@ -31,7 +32,7 @@ INIT_SCRIPT = Path(__file__).resolve().parent / "guest" / "init"
 
 # Bumped whenever the layout of the base image changes, so cached images built by an older
 # qlaunch are not reused.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 5
 
 _COMMON_MODULES = [
     "virtio_pci",
@@ -542,6 +543,14 @@ def base_entries(
         Entry("run/qlaunch.o", stat.S_IFIFO | 0o600),
         Entry("run/qlaunch.e", stat.S_IFIFO | 0o600),
     ]
+    # busybox's applet links, made here rather than by `busybox --install` at every boot.
+    # (Never over what is there: the applets include busybox itself, and sh.)
+    links = busybox.applet_links(asset.busybox)
+    if links is not None:
+        have = {e.path for e in entries}
+        paths = [f"{d}/{n}" if d else n for d, n in links]
+        entries += [Entry.symlink(p, "/bin/busybox") for p in paths if p not in have]
+        entries.append(Entry.file("qlaunch/linked", b""))
     listed: list[str] = []
     kept: set[str] = set()
     for f in files:
