@@ -6,7 +6,9 @@ skips the agent and ACPI; `modes` picks which of the two graceful steps to try. 
 step is taken only when an agent answers guest-ping within AGENT_PING (a guest without one
 goes straight to ACPI, with no step reported): a guest without a power-button handler still
 shuts down cleanly through it. A paused guest can neither run its agent nor see the power
-button, so both are skipped for it.
+button, so both are skipped for it, and so is ACPI on a board where system_powerdown reaches
+no guest at all (boards.cannot: malta, the vexpress and raspi boards), instead of waiting out
+the whole timeout for nothing.
 A VM counts as stopped only once QEMU's process is gone: reaped by its supervisor, which
 records the exit; or, with the supervisor dead, gone from /proc (or a zombie that its new
 parent does not reap: we cannot waitpid a process that is not our child), recorded by us
@@ -17,6 +19,7 @@ Signals go only to a process that `state.identify` confirms is this VM's QEMU.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -132,8 +135,11 @@ def stop_locked(
         ended = _agent_shutdown(vm, q, timeout, step)
     if not force and "acpi" in modes and not ended:
         t0 = time.monotonic()
+        no_button = _no_power_button(vm)
         if paused:
             step("acpi powerdown", "skipped: the guest is paused and cannot see it", False, t0)
+        elif no_button:
+            step("acpi powerdown", f"skipped: {no_button}", False, t0)
         else:
             try:
                 ended = _press_power_button(vm, q, timeout)
@@ -210,6 +216,20 @@ def _agent_shutdown(
     )
     step("agent shutdown", result, ended, t0)
     return ended
+
+
+def _no_power_button(vm: VM) -> str | None:
+    """Why system_powerdown reaches no guest on this VM's board, or None when it does (or
+    the board cannot be told from the record: then the button is pressed as always)."""
+    from qlaunch.config import boards
+    from qlaunch.config import profile as profmod
+
+    try:
+        pj = json.loads((vm.dir / "profile.json").read_bytes())
+        board = profmod.build(pj["profile"], name=pj["name"], source="the VM's profile").board
+    except (QlaunchError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return boards.cannot(board).get("powerdown")
 
 
 def _press_power_button(vm: VM, q: state.Proc, timeout: float) -> bool:
