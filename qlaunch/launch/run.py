@@ -213,8 +213,13 @@ def _drive(
             if not chunk:
                 break
             filt.feed(chunk)
-            if filt.halted and profile.board.halts_on_poweroff:
-                # The guest has halted its CPUs; QEMU itself would never exit.
+            # With the command's status in, the rest is the guest's power-off (its console
+            # drain, poweroff, the kernel's shutdown: 50 to 100 ms under TCG): the guest init
+            # synced any disk before it printed the status, and SIGTERM lets QEMU flush its
+            # own caches, as exec does. A board that halts on poweroff would never end QEMU.
+            if (has_cmd and filt.status is not None) or (
+                filt.halted and profile.board.halts_on_poweroff
+            ):
                 ended_by_us = True
                 stop_child(proc, grace=2.0)
                 break
