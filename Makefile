@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 ASSETS ?= x86_64,x86_64-generic,aarch64,arm,i386,ppc64le,s390x,mips64el
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit golden bench clean
+.PHONY: setup demo test test-images lint unit golden bench clean
 
 setup: $(VENV)/.installed
 	@bash .ci/setup-host
@@ -32,7 +32,14 @@ lint: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
-test: setup lint
+# The Debian 12 images the slow tests boot (x86_64 BIOS and UEFI, aarch64 UEFI), built with
+# `qlaunch image build` and cached by recipe in ~/.cache/qlaunch/test-images: minutes the first
+# time (aarch64 about 10 under qemu-user), nothing while qlaunch/storage/build.py and the command
+# are unchanged. Before pytest, so no test's time includes a build.
+test-images: setup
+	$(BIN)/python tests/integration/debimage.py
+
+test: setup lint test-images
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
 # Rewrite the golden argv files after a deliberate change; review them with `git diff`.

@@ -7,6 +7,12 @@ recipe builds a new one and an unchanged recipe never builds twice (also across 
 
 $QLAUNCH_TEST_DEBIAN_X86_64_BIOS (and so on for other arches and firmware) names an image to
 use instead, e.g. while the recipe is being changed.
+
+`make test-images` builds the ones the suite boots before pytest starts (the aarch64 one runs
+under qemu-user for about 10 minutes), so no test waits on a build and a failed build is said
+once, plainly, not as every image test's error:
+
+    python tests/integration/debimage.py x86_64/bios x86_64/uefi aarch64/uefi
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,9 +50,14 @@ def recipe_key(arch: str, firmware: str) -> str:
     return h.hexdigest()[:16]
 
 
-def debian_image(arch: str = "x86_64", firmware: str = "bios") -> Path:
+# Every image the suite boots, in the order `make test-images` builds them.
+SUITE = [("x86_64", "bios"), ("x86_64", "uefi"), ("aarch64", "uefi")]
+
+
+def debian_image(arch: str = "x86_64", firmware: str = "bios", *, show: bool = False) -> Path:
     """The cached image for arch and firmware, built first if the recipe changed. Several
-    test processes asking at once build it once (a lock beside the cache)."""
+    test processes asking at once build it once (a lock beside the cache). show: the build's
+    own messages go to this process's stderr as they come (a failure is said there too)."""
     given = os.environ.get(f"QLAUNCH_TEST_DEBIAN_{arch.upper()}_{firmware.upper()}")
     if given:
         return Path(given)  # a developer's own image (made with image build), as it is
@@ -59,11 +71,13 @@ def debian_image(arch: str = "x86_64", firmware: str = "bios") -> Path:
             r = subprocess.run(
                 [QLAUNCH, "image", "build", "debian", "--arch", arch, "--firmware", firmware]
                 + [str(out), "--json"],
-                capture_output=True,
+                stdout=subprocess.DEVNULL if show else subprocess.PIPE,
+                stderr=None if show else subprocess.PIPE,
                 text=True,
                 timeout=BUILD_TIMEOUT,
             )
-            assert r.returncode == 0, f"image build failed ({r.returncode}):\n{r.stderr[-3000:]}"
+            tail = "" if show else r.stderr[-3000:]
+            assert r.returncode == 0, f"image build failed ({r.returncode}):\n{tail}"
             os.chmod(out, 0o444)  # a base: VMs write to overlays only
     return out
 
@@ -75,3 +89,23 @@ def overlay(base: Path, path: Path) -> Path:
         check=True,
     )
     return path
+
+
+def main(argv: list[str]) -> int:
+    """Build (or find in the cache) each ARCH/FIRMWARE named, saying how long each took."""
+    for item in argv or [f"{a}/{f}" for a, f in SUITE]:
+        arch, _, firmware = item.partition("/")
+        t0 = time.monotonic()
+        try:
+            path = debian_image(arch, firmware or "bios", show=True)
+        except AssertionError as e:
+            print(f"qlaunch: error: test image {item}: {e}", file=sys.stderr)
+            return 1
+        secs = time.monotonic() - t0
+        how = f"built in {secs:.0f} s" if secs > 5 else "cached"
+        print(f"test image {item}: {path} ({how})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
