@@ -7,12 +7,14 @@ VIRTIO_FS. It is far faster than 9p for many small files (virtme-ng's users: `gi
 kernel tree 1.2 s against 284 s). virtiofsd 7.2 cannot export a directory read-only, so a
 read-only share stays 9p, where QEMU itself refuses the guest's writes.
 
-Pure: the choice and the helper's argv from host facts; exec adds what the kernel has.
+Pure: the choice and the helper's argv from host facts; exec adds what the kernel has (and
+a note when the descriptor limit virtiofsd inherits, read by fd_limit, is low).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 
 from qlaunch.config.profile import Profile
 from qlaunch.errors import UsageError
@@ -49,6 +51,29 @@ def choose(want: str, readonly: bool, host: HostFacts) -> tuple[str, str | None]
             hint="leave the share type at auto (9p then), or set it to 9p",
         )
     return "9p", why
+
+
+# virtiofsd (QEMU 7.2's) keeps an O_PATH descriptor open for every inode the guest holds,
+# and a guest holds every inode it walked until memory runs short: `git status` in a kernel
+# tree holds about 80,000. virtiofsd raises its soft limit as far as the hard one allows.
+FD_WANTED = 100_000
+
+
+def fd_limit() -> int:
+    """The hard RLIMIT_NOFILE virtiofsd inherits (only CAP_SYS_RESOURCE raises it)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return FD_WANTED if hard == resource.RLIM_INFINITY else hard
+
+
+def fd_limit_note(hard: int) -> str | None:
+    """One line when virtiofsd could not keep a large tree open, else None."""
+    if hard >= FD_WANTED:
+        return None
+    return (
+        f"virtiofsd may have at most {hard} files open (RLIMIT_NOFILE hard limit here): a "
+        f"guest that walks more files than that (git status in a large tree) gets EMFILE; "
+        f"raise the hard limit (ulimit -Hn, as root) or pick the other type (--share-type)"
+    )
 
 
 def socket_path(sockdir: str, index: int) -> str:

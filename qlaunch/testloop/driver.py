@@ -626,6 +626,9 @@ def _share_wiring(
         )
     for why, labels in fallbacks.items():
         notes.append(f"{', '.join(labels)}: over 9p, not virtiofs: {why}")
+    fd_note = sharemod.fd_limit_note(sharemod.fd_limit())
+    if fd_note and any(s.kind == "virtiofs" for s in out):
+        notes.append(fd_note)
     return tuple(out), load
 
 

@@ -129,3 +129,12 @@ def test_virtiofs_asked_for_without_virtiofsd_is_the_hosts_error(tmp_path: Path)
     p = profile.load(write(tmp_path, '[[share]]\npath = "/src"\ntype = "virtiofs"\n'))
     with pytest.raises((UsageError, HostError), match="not installed"):
         plan.build(p, replace(ROOT, virtiofsd=None), "run", plan.wire("run", "x"))
+
+
+def test_a_low_descriptor_limit_is_named_once_virtiofs_is_used() -> None:
+    # virtiofsd holds a descriptor per inode the guest holds: a 20,000 hard limit (this kind
+    # of sandbox) ends a walk of a larger tree in EMFILE, which the user should hear of.
+    note = shares.fd_limit_note(20000)
+    assert note is not None and "at most 20000 files open" in note and "EMFILE" in note
+    assert shares.fd_limit_note(shares.FD_WANTED) is None
+    assert shares.fd_limit() > 0
