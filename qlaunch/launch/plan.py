@@ -19,6 +19,7 @@ from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
 from qlaunch.errors import HostError, ProfileError, UsageError
 from qlaunch.launch import shares as sharemod
+from qlaunch.launch import warm as warmmod
 from qlaunch.launch.argv import (
     Port,
     Runtime,
@@ -30,7 +31,10 @@ from qlaunch.launch.argv import (
 )
 from qlaunch.launch.host import HostFacts
 
-ENTRIES = ("run", "start", "exec", "restore")
+ENTRIES = ("run", "start", "exec", "restore", "warm-build", "warm-run")
+# run --warm: the boot that saves a warm image (QMP to stop and save it), and each run's
+# restore of it (-incoming from the image's file descriptor; QEMU resumes once it is in).
+WARM = ("warm-build", "warm-run")
 STATE = "<state>"  # a VM's state directory, shown for start and restore
 TMP = "<tmp>"  # the temporary directory of a run or an exec
 DATA = "<data>"  # a VM's persistent data directory (paths.vm_data_dir), for start and restore
@@ -108,6 +112,7 @@ def wire(
     hotplug: tuple[str, ...] = (),
     data: str | None = None,
     workdir: str | None = None,
+    incoming_fd: int | None = None,
 ) -> Runtime:
     """The Runtime of one entry. What is not given yet shows as a placeholder.
 
@@ -162,6 +167,13 @@ def wire(
             append_extra=(*nic_append, *exec_append),
             hotplug_ports=False,
         )
+    if entry in WARM:
+        # Both sides run the same machine: only the monitor and -incoming differ.
+        base = replace(base, append_extra=(*nic_append, *exec_append, warmmod.KERNEL_ARG))
+        if entry == "warm-build":
+            return replace(base, qmp=f"{here}/qmp.sock")
+        fd = incoming_fd if incoming_fd is not None else "<fd: warm image>"
+        return replace(base, incoming=f"fd:{fd}")
     return base
 
 
@@ -251,6 +263,9 @@ def build(profile: Profile, host: HostFacts, entry: str, rt: Runtime) -> LaunchP
     if rt.monitor:
         fds.append(PassFd(rt.monitor_fd, "supervisor monitor (QMP)"))
     fds += [PassFd(p.fd, f"virtio console port qlaunch.{p.name}") for p in rt.ports]
+    if entry == "warm-run":
+        fd_s = (rt.incoming or "").removeprefix("fd:")
+        fds.append(PassFd(int(fd_s) if fd_s.isdigit() else None, "warm image (read by QEMU)"))
     sockets: list[Made] = []
     if rt.qmp:
         sockets.append(Made(rt.qmp, "QMP"))

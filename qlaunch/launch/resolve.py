@@ -57,8 +57,12 @@ def refs(profile: Profile, cache: Path) -> BootFiles:
     )
 
 
-def boot_files(profile: Profile, cmd: list[str] | None, workdir: Path) -> BootFiles:
-    """Real boot files for a launch: checks they exist and builds the qlaunch initramfs."""
+def boot_files(
+    profile: Profile, cmd: list[str] | None, workdir: Path, *, warm: bool = False
+) -> BootFiles:
+    """Real boot files for a launch: checks they exist and builds the qlaunch initramfs.
+    warm (run --warm): the initramfs of a command run, with the crng reseed helper and
+    without the command (a restored guest is sent it)."""
     from qlaunch.boot import kernelcheck
     from qlaunch.storage import sdcard
 
@@ -88,9 +92,15 @@ def boot_files(profile: Profile, cmd: list[str] | None, workdir: Path) -> BootFi
             )
         modules = boards.guest_modules(profile.board, defaults) + list(profile.boot.modules)
         pack = boards.guest_modules(profile.board, pack)
-        base = initramfs.build_initramfs(aset, modules, pack=pack)
+        extra = None
+        if warm:
+            from qlaunch.boot import reseed
+            from qlaunch.launch import warm as warmmod
+
+            extra = {warmmod.RESEED: reseed.program(aset.arch)}
+        base = initramfs.build_initramfs(aset, modules, pack=pack, extra=extra)
         initrd = str(base)
-        if cmd:
+        if cmd and not warm:
             initrd = str(initramfs.initrd_with_command(base, cmd, workdir / "initrd.cpio.gz"))
     elif initrd and not Path(initrd).is_file():
         _missing(profile, "initrd", initrd)

@@ -159,6 +159,33 @@ def plan_run(
     return launch
 
 
+def plan_warm(
+    profile: Profile,
+    host: HostFacts,
+    entry: str,
+    cmd: list[str] | None,
+    workdir: Path,
+    *,
+    incoming_fd: int | None = None,
+    make: bool = True,
+) -> plan.LaunchPlan:
+    """The plan of a warm image's build (entry warm-build) or of a run restored from one
+    (warm-run): the machine of a command run, with the base initramfs (the command is sent
+    to the restored guest) and nothing of one run in the argv but the image's fd."""
+    files = resolve.boot_files(profile, cmd, workdir, warm=True)
+    rt = plan.wire(
+        entry,
+        profile.name,
+        workdir=str(workdir),
+        kernel=files.kernel,
+        initrd=files.initrd,
+        dtb=files.dtb,
+        disk_paths=_disk_paths(profile, workdir, make),
+        incoming_fd=incoming_fd,
+    )
+    return plan.build(profile, host, entry, rt)
+
+
 def _disk_paths(profile: Profile, workdir: Path, make: bool) -> tuple[str, ...]:
     if not profile.disks:
         return ()
@@ -168,8 +195,15 @@ def _disk_paths(profile: Profile, workdir: Path, make: bool) -> tuple[str, ...]:
 
 
 def _drive(
-    profile: Profile, argv: list[str], out: BinaryIO, has_cmd: bool, pass_fds: list[int]
+    profile: Profile,
+    argv: list[str],
+    out: BinaryIO,
+    has_cmd: bool,
+    pass_fds: list[int],
+    feed: bytes | None = None,
 ) -> RunResult:
+    """QEMU's console to out until it ends. feed: bytes for the guest's console (a warm run's
+    payload), written as the guest takes them and held open until QEMU ends."""
     held = b""
 
     def write(b: bytes) -> None:
@@ -190,7 +224,7 @@ def _drive(
         proc = spawn(
             argv,
             # Without a command the console is the user's: their terminal or a pipe feeds it.
-            stdin=subprocess.DEVNULL if has_cmd else None,
+            stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL if has_cmd else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=pass_fds,
@@ -204,6 +238,8 @@ def _drive(
     errbuf: list[bytes] = []
     err_thread = threading.Thread(target=_collect, args=(proc, errbuf), daemon=True)
     err_thread.start()
+    if feed is not None:
+        threading.Thread(target=_feed, args=(proc, feed), daemon=True).start()
     ended_by_us = False
     try:
         assert proc.stdout is not None
@@ -229,6 +265,9 @@ def _drive(
     finally:
         filt.flush()
     rc = proc.wait()
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
     log.debug("run: QEMU (pid %d) exited %d; guest status %s", proc.pid, rc, filt.status)
     err_thread.join(timeout=2)
     stderr = b"".join(errbuf).decode(errors="replace").strip()
@@ -246,6 +285,14 @@ def _drive(
             )
         return RunResult(filt.status, rc, filt.status, tail)
     return RunResult(0, rc, None, tail)
+
+
+def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    assert proc.stdin is not None
+    # QEMU reads its stdin only as the guest's UART takes bytes: a write may wait on it.
+    with contextlib.suppress(OSError):
+        proc.stdin.write(data)
+        proc.stdin.flush()
 
 
 def _collect(proc: subprocess.Popen[bytes], buf: list[bytes]) -> None:

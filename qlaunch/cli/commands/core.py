@@ -58,6 +58,12 @@ def register(sub: Any) -> None:
         "powers off, and run exits with CMD's status.",
     )
     add_profile_args(p)
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="restore a saved guest that waits for its command (saved by the first such "
+        "run) instead of booting: see `qlaunch warm`",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("host", help="QEMU binaries and accelerator verdicts for this host")
@@ -120,6 +126,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qlaunch.launch import host, run
 
     prof = profile.load(args.profile, args.sets)
+    if args.warm:
+        from qlaunch.launch import warm as warmpure
+
+        warmpure.check(prof, bool(args.guest_cmd))
+        from qlaunch.vm import warm
+
+        return warm.run_warm(prof, host.probe(), args.guest_cmd, note=output.note).status
     result = run.run(prof, host.probe(), args.guest_cmd or None, note=output.note)
     return result.status
 
