@@ -32,6 +32,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -357,7 +358,9 @@ def _run(
                 on_line(raw.decode(errors="replace").rstrip())
         rc = proc.wait()
     except BaseException:
-        _stop_group(proc)
+        # Waiting for mmdebstrap to undo its own mounts: a second Ctrl-C must not cut it off.
+        with _signals_held(ending=True):
+            _stop_group(proc)
         raise
     finally:
         proc.stdout.close()
@@ -387,17 +390,34 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP while cleaning up; they arrive once it is done."""
+def _signals_held(*, ending: bool) -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while cleaning up. ending: the build is already on
+    its way out (an error or the first signal), so a later one adds nothing; otherwise the
+    first that came is raised again once the cleanup is done.
+
+    Python handlers, not a signal mask: Python runs every handler in the main thread,
+    whichever thread the kernel delivered the signal to, and the progress line's ticker
+    thread blocks nothing. A mask on the main thread let a second Ctrl-C, or the SIGHUP of
+    the terminal closing after a SIGTERM, cut the cleanup short: loop devices and the build
+    directory stayed behind."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    came: list[int] = []
+    old: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN or handler is None:
+            continue  # ignored (nohup), or not set from Python: leave it as it is
+        old[signum] = handler
+        signal.signal(signum, lambda got, _frame: came.append(got))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for num, handler in old.items():
+            signal.signal(num, handler)
+    if came and not ending:
+        signal.raise_signal(came[0])
 
 
 # --- the build --------------------------------------------------------------------------------
@@ -909,7 +929,7 @@ def build(
             e.hint = f"{e.hint}; the whole log: {kept}" if e.hint else f"the whole log: {kept}"
         raise
     finally:
-        with _signals_held():
+        with _signals_held(ending=sys.exc_info()[1] is not None):
             builder.cleanup()
             log.close()
             shutil.rmtree(work, ignore_errors=True)
