@@ -31,7 +31,7 @@ RECIPE = [
     REPO / "qlaunch" / "storage" / "build.py",
     REPO / "qlaunch" / "cli" / "commands" / "imagebuild.py",
 ]
-BUILD_TIMEOUT = 1800
+BUILD_TIMEOUT = 3600  # aarch64 under qemu-user took over 30 minutes on a loaded host
 
 
 def cache_dir() -> Path:
@@ -68,16 +68,23 @@ def debian_image(arch: str = "x86_64", firmware: str = "bios", *, show: bool = F
         if not out.exists():
             for old in d.glob(f"debian12-{arch}-{firmware}-*.qcow2"):
                 old.unlink()  # an older recipe's image: never used again
-            r = subprocess.run(
+            proc = subprocess.Popen(
                 [QLAUNCH, "image", "build", "debian", "--arch", arch, "--firmware", firmware]
                 + [str(out), "--json"],
-                stdout=subprocess.DEVNULL if show else subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
                 stderr=None if show else subprocess.PIPE,
                 text=True,
-                timeout=BUILD_TIMEOUT,
             )
-            tail = "" if show else r.stderr[-3000:]
-            assert r.returncode == 0, f"image build failed ({r.returncode}):\n{tail}"
+            try:
+                _, err = proc.communicate(timeout=BUILD_TIMEOUT)
+            except BaseException:
+                # SIGTERM, not subprocess's SIGKILL: the build then stops mmdebstrap and
+                # undoes its mounts and loop devices (a killed one leaves them all behind).
+                proc.terminate()
+                proc.communicate(timeout=300)
+                raise
+            tail = "" if show else err[-3000:]
+            assert proc.returncode == 0, f"image build failed ({proc.returncode}):\n{tail}"
             os.chmod(out, 0o444)  # a base: VMs write to overlays only
     return out
 
@@ -98,7 +105,7 @@ def main(argv: list[str]) -> int:
         t0 = time.monotonic()
         try:
             path = debian_image(arch, firmware or "bios", show=True)
-        except AssertionError as e:
+        except (AssertionError, subprocess.TimeoutExpired) as e:
             print(f"qlaunch: error: test image {item}: {e}", file=sys.stderr)
             return 1
         secs = time.monotonic() - t0
