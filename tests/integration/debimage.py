@@ -63,11 +63,15 @@ def debian_image(arch: str = "x86_64", firmware: str = "bios", *, show: bool = F
         return Path(given)  # a developer's own image (made with image build), as it is
     d = cache_dir()
     out = d / f"debian12-{arch}-{firmware}-{recipe_key(arch, firmware)}.qcow2"
-    with open(d / f".{out.name}.lock", "w") as lock:
+    lock_path = d / f".{out.name}.lock"
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.exists():
             for old in d.glob(f"debian12-{arch}-{firmware}-*.qcow2"):
                 old.unlink()  # an older recipe's image: never used again
+            for old in d.glob(f".debian12-{arch}-{firmware}-*.qcow2.lock"):
+                if old.name != lock_path.name:
+                    old.unlink(missing_ok=True)
             proc = subprocess.Popen(
                 [QLAUNCH, "image", "build", "debian", "--arch", arch, "--firmware", firmware]
                 + [str(out), "--json"],
