@@ -30,6 +30,7 @@ from qlaunch import paths
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
 
+STOP_WAIT = "400"
 SSH_WAIT = "900"  # a whole Debian under TCG on two shared cores, aarch64 the slowest
 # An EFI variable of a GUID of our own; efivarfs takes the attributes (NV+BS+RT = 7) first.
 VAR = "QlaunchImage-8c0e2f4a-51d6-4b7e-a3c9-6e1d0b2f7a45"
@@ -150,7 +151,9 @@ def test_stop_through_the_agent_keeps_files_and_uefi_variables(guest: Guest) -> 
         f"printf '\\007\\000\\000\\000kept' | sudo tee {EFIVARS}/{VAR} >/dev/null && "
         "echo written-before-stop > /home/debian/mark",  # no sync: a clean shutdown writes it
     )
-    r = ok("stop", guest.name, "--json", timeout=600)
+    # A slow host's guest may take minutes to power off: room for it, so the agent's step is
+    # the one that ends the VM (ACPI would come next after the timeout).
+    r = ok("stop", guest.name, "--json", "--timeout", STOP_WAIT, timeout=900)
     report = json.loads(r.stdout)
     assert report["steps"][0]["action"] == "agent shutdown", report
     assert report["steps"][0]["result"] == "the guest powered off", report
@@ -163,5 +166,5 @@ def test_stop_through_the_agent_keeps_files_and_uefi_variables(guest: Guest) -> 
     assert sh(guest, "cat /home/debian/mark").strip() == "written-before-stop"
     got = sh(guest, f"tail -c 4 {EFIVARS}/{VAR}; echo")
     assert got.strip() == "kept", got
-    r = ok("stop", guest.name, timeout=600)
+    r = ok("stop", guest.name, "--timeout", STOP_WAIT, timeout=900)
     assert "agent shutdown: the guest powered off" in r.stderr, r.stderr
