@@ -44,11 +44,14 @@ HOSTS = {"": NO_KVM, "kvm": HW_KVM, "armkvm": ARM_KVM, "tsc": TSC}
 
 # Beyond `run`, which every case has: the entries each case is also rendered for.
 MORE_ENTRIES = {
-    "default": ("start", "exec", "restore", "exec-console", "exec-share", "exec-9p"),
+    "default": (
+        *("start", "exec", "restore", "exec-console", "exec-share", "exec-9p"),
+        *("warm-build", "warm-run"),
+    ),
     "x86_64-q35": ("start", "exec"),
     "x86_64-microvm": ("start", "exec"),
-    "aarch64-virt": ("start", "exec", "exec-share", "exec-9p"),
-    "arm-virt": ("start", "exec"),
+    "aarch64-virt": ("start", "exec", "exec-share", "exec-9p", "warm-build", "warm-run"),
+    "arm-virt": ("start", "exec", "warm-run"),
     "vexpress-a9": ("start", "exec"),
     "vexpress-a15": ("exec",),
     "raspi3b": ("start", "exec"),
@@ -76,7 +79,7 @@ class Case:
     name: str  # the golden file's stem: CASE or CASE.ENTRY
     path: Path
     host: str
-    entry: str  # run, start, exec, restore; exec-console, exec-share, exec-9p
+    entry: str  # run, start, exec, restore, warm-build, warm-run; exec-console, -share, -9p
 
 
 def cases() -> list[Case]:
@@ -143,6 +146,7 @@ def render(
         ports=ports,
         shares=shares,
         exec_append=append,
+        incoming_fd=fds.get("warm"),
     )
     return prof, plan.build(prof, host or HOSTS[case.host], entry, rt)
 

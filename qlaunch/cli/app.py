@@ -37,6 +37,7 @@ COMMAND_NAMES = (
     "screenshot",
     "autostart",
     "migrate",
+    "warm",
     "exec",
 )
 # Commands whose parser is built alone (their module's, not every module's): exec is the

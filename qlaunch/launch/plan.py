@@ -169,7 +169,13 @@ def wire(
         )
     if entry in WARM:
         # Both sides run the same machine: only the monitor and -incoming differ.
-        base = replace(base, append_extra=(*nic_append, *exec_append, warmmod.KERNEL_ARG))
+        # No hotplug ports: no monitor plugs anything into a run, and each is a device more
+        # for every restore to set up.
+        base = replace(
+            base,
+            append_extra=(*nic_append, *exec_append, warmmod.KERNEL_ARG),
+            hotplug_ports=False,
+        )
         if entry == "warm-build":
             return replace(base, qmp=f"{here}/qmp.sock")
         fd = incoming_fd if incoming_fd is not None else "<fd: warm image>"

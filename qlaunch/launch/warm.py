@@ -32,6 +32,15 @@ SEED = "/run/qlaunch.seed"
 RESEED = "bin/qlaunch-reseed"  # in the initramfs
 
 
+# Boards QEMU 7.2 migrates but whose restored guest never runs again here: after a restore
+# (live or stopped save, alike) vexpress-a9's CPU stays in WFI, no interrupt (UART, timer)
+# wakes it, so the run would hang.
+NOT_WARM = {
+    ("arm", "vexpress-a9"): "a vexpress-a9 guest restored by QEMU 7.2 takes no interrupt "
+    "(its CPU stays idle), so it cannot be made warm",
+}
+
+
 def refusal(profile: Profile, has_cmd: bool) -> str | None:
     """Why this profile cannot run warm (one line), or None. A warm image is shared by runs,
     so whatever a run could change for the next one, or that lives outside QEMU, refuses."""
@@ -39,7 +48,9 @@ def refusal(profile: Profile, has_cmd: bool) -> str | None:
         return "--warm needs a command (qlaunch run PROFILE --warm -- CMD)"
     if profile.boot.initrd != "qlaunch":
         return f"--warm: profile {profile.name} boots its own initrd, not qlaunch's init"
-    cannot = boards.cannot(profile.board).get("migration")
+    cannot = boards.cannot(profile.board).get("migration") or NOT_WARM.get(
+        (profile.machine.arch, profile.board.machine)
+    )
     if cannot:
         return f"--warm: {cannot}"
     if not reseed.supported(profile.machine.arch):

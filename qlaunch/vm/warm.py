@@ -51,7 +51,9 @@ HASHES = "hashes.json"  # content hashes of boot files, memoized by their stat
 
 
 def root() -> Path:
-    return paths.cache_dir() / "warm"
+    """$QLAUNCH_WARM_DIR, or warm/ in qlaunch's cache."""
+    env = os.environ.get("QLAUNCH_WARM_DIR")
+    return Path(env) if env else paths.cache_dir() / "warm"
 
 
 def max_bytes() -> int:
@@ -86,7 +88,7 @@ def run_warm(
         key = image_key(shown)
         image = root() / key
         if not (image / STATE).is_file():
-            build(profile, host, cmd, key, Path(tmp), note=note)
+            build(profile, host, cmd, key, Path(tmp), key_argv=shared_argv(shown), note=note)
         elif note:
             log.debug("warm: image %s", image)
         fd = os.open(image / STATE, os.O_RDONLY | os.O_CLOEXEC)
@@ -163,6 +165,7 @@ def build(
     key: str,
     workdir: Path,
     *,
+    key_argv: list[str],
     note: Callable[[str], None] | None = None,
 ) -> Path:
     """Boot to the init's wait, save there, publish CACHE/warm/KEY. Concurrent callers: one
@@ -172,39 +175,57 @@ def build(
     r = root()
     r.mkdir(parents=True, exist_ok=True)
     final = r / key
-    with FileLock(r / f"{key}.lock", f"warm image {key}", "warm build", LOCK_TIMEOUT):
+    with FileLock(r / f"{key}.lock", f"warm image {key}", "warm build", LOCK_TIMEOUT) as lock:
         if (final / STATE).is_file():
             return final
-        for stale in r.glob(f".build-{key}-*"):
-            # A build of this key that died (we hold its lock): nothing reads it.
-            shutil.rmtree(stale, ignore_errors=True)
-        if note:
-            note(f"warm: building the warm image of {profile.name} (a boot, once)")
-        t0 = time.monotonic()
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=r))
-        try:
-            p = runmod.plan_warm(profile, host, "warm-build", cmd, workdir)
-            size = _boot_and_save(p, tmp)
-            meta = {
-                "key": key,
-                "profile": profile.name,
-                "source": profile.source,
-                "arch": profile.machine.arch,
-                "machine": profile.board.machine,
-                "argv": shared_argv(p),
-                "bytes": size,
-                "built": time.time(),
-                "build_seconds": round(time.monotonic() - t0, 2),
-            }
-            (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if note:
-        note(f"warm: image built in {time.monotonic() - t0:.1f} s ({size >> 20} MiB)")
+        _build_locked(profile, host, cmd, key, workdir, tmp_root=r, key_argv=key_argv, note=note)
+        # Waiters notice and look again (they find the image); no lock file piles up.
+        lock.unlink_locked()
     evict(keep=key)
     return final
+
+
+def _build_locked(
+    profile: Profile,
+    host: HostFacts,
+    cmd: list[str],
+    key: str,
+    workdir: Path,
+    *,
+    tmp_root: Path,
+    key_argv: list[str],
+    note: Callable[[str], None] | None,
+) -> None:
+    r = tmp_root
+    for stale in r.glob(f".build-{key}-*"):
+        # A build of this key that died (we hold its lock): nothing reads it.
+        shutil.rmtree(stale, ignore_errors=True)
+    if note:
+        note(f"warm: building the warm image of {profile.name} (a boot, once)")
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=r))
+    try:
+        p = runmod.plan_warm(profile, host, "warm-build", cmd, workdir)
+        size = _boot_and_save(p, tmp)
+        meta = {
+            "key": key,
+            "profile": profile.name,
+            "source": profile.source,
+            "arch": profile.machine.arch,
+            "machine": profile.board.machine,
+            # What the key hashed: the argv a restore shares with the build.
+            "argv": key_argv,
+            "bytes": size,
+            "built": time.time(),
+            "build_seconds": round(time.monotonic() - t0, 2),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        os.rename(tmp, r / key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if note:
+        note(f"warm: image built in {time.monotonic() - t0:.1f} s ({size >> 20} MiB)")
 
 
 def _boot_and_save(p: planmod.LaunchPlan, tmp: Path) -> int:

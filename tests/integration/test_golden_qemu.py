@@ -89,6 +89,11 @@ def test_qemu_accepts_golden_case(case: Case) -> None:
                 r, w = os.pipe()
                 fds[port] = w
                 keep += [r, w]
+        if case.entry == "warm-run":
+            # An image that never comes: QEMU waits for it (inmigrate) until quit.
+            r, w = os.pipe()
+            fds["warm"] = r
+            keep += [r, w]
         share = work / "share"
         share.mkdir()
         # The golden renderer with real things in place of the placeholders.
@@ -108,6 +113,10 @@ def test_qemu_accepts_golden_case(case: Case) -> None:
         qmp = work / "qmp.sock"
         if case.entry in ("start", "restore"):
             assert "-S" in argv
+        elif case.entry == "warm-build":
+            # The build's own monitor is the one this test talks to.
+            assert f"path={qmp}," in " ".join(argv)
+            argv.append("-S")
         else:
             argv += ["-S", "-qmp", f"unix:{qmp},server=on,wait=off"]
         if prof.resources.hugepages:
@@ -139,7 +148,7 @@ def test_qemu_accepts_golden_case(case: Case) -> None:
                 time.sleep(0.05)
             with Monitor(qmp, what=case.name).connect() as mon:
                 status = mon.execute("query-status")
-                want = "inmigrate" if case.entry == "restore" else "prelaunch"
+                want = "inmigrate" if case.entry in ("restore", "warm-run") else "prelaunch"
                 assert status["status"] == want, status
                 blocks = mon.execute("query-block")
                 assert len([b for b in blocks if b.get("inserted")]) >= len(prof.disks)

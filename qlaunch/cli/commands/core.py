@@ -41,7 +41,8 @@ def register(sub: Any) -> None:
         dest="entry",
         default="run",
         metavar="ENTRY",
-        help="the command whose launch to show: run (default), start, restore or exec",
+        help="the command whose launch to show: run (default), start, restore, exec, or "
+        "warm-build and warm-run (run --warm: the boot that saves, a restore)",
     )
     p.add_argument("--name", help="the VM name (start, restore; default: from the profile)")
     p.add_argument(
@@ -113,6 +114,13 @@ def _plan_for(args: argparse.Namespace, cmd: list[str] | None) -> Any:
         return api.plan_start(prof, facts, args.name, cmd, entry=args.entry)
     from qlaunch.launch import plan as planmod
 
+    if args.entry in planmod.WARM:
+        from qlaunch.launch import warm
+
+        warm.check(prof, True)
+        with tempfile.TemporaryDirectory(prefix="qlaunch-cmdline-") as tmp:
+            launch = run.plan_warm(prof, facts, args.entry, cmd or ["true"], Path(tmp), make=False)
+        return planmod.relocate(launch, tmp, planmod.TMP)
     if not cmd and not prof.cloud_init:
         # Nothing would be written to the run's directory: no need to make one to show it.
         return run.plan_run(prof, facts, cmd, Path(planmod.TMP), make=False)
