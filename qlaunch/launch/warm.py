@@ -33,12 +33,13 @@ RESEED = "bin/qlaunch-reseed"  # in the initramfs
 
 
 # Boards QEMU 7.2 migrates but whose restored guest never runs again here: after a restore
-# (live or stopped save, alike) vexpress-a9's CPU stays in WFI, no interrupt (UART, timer)
-# wakes it, so the run would hang.
-NOT_WARM = {
-    ("arm", "vexpress-a9"): "a vexpress-a9 guest restored by QEMU 7.2 takes no interrupt "
-    "(its CPU stays idle), so it cannot be made warm",
-}
+# (of a live or a stopped save, alike) the CPU of vexpress-a9 and -a15 stays in WFI and no
+# interrupt (UART, timer) wakes it, so the run would hang.
+_NO_WAKE = (
+    "a {} guest restored by QEMU 7.2 takes no interrupt (its CPU stays idle), so it cannot "
+    "be made warm"
+)
+NOT_WARM = {("arm", m): _NO_WAKE.format(m) for m in ("vexpress-a9", "vexpress-a15")}
 
 
 def refusal(profile: Profile, has_cmd: bool) -> str | None:

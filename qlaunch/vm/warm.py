@@ -176,11 +176,16 @@ def build(
     r.mkdir(parents=True, exist_ok=True)
     final = r / key
     with FileLock(r / f"{key}.lock", f"warm image {key}", "warm build", LOCK_TIMEOUT) as lock:
-        if (final / STATE).is_file():
-            return final
-        _build_locked(profile, host, cmd, key, workdir, tmp_root=r, key_argv=key_argv, note=note)
-        # Waiters notice and look again (they find the image); no lock file piles up.
-        lock.unlink_locked()
+        try:
+            if (final / STATE).is_file():
+                return final
+            _build_locked(
+                profile, host, cmd, key, workdir, tmp_root=r, key_argv=key_argv, note=note
+            )
+        finally:
+            # Waiters notice and look again (they find the image, or build it after a failed
+            # build); no lock file piles up.
+            lock.unlink_locked()
     evict(keep=key)
     return final
 
@@ -221,8 +226,14 @@ def _build_locked(
         }
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         os.rename(tmp, r / key)
-    except BaseException:
+    except BaseException as e:
+        # The boot's console and QEMU's stderr outlive a failed build, for its error's hint.
+        for name in ("console.log", "qemu.log"):
+            with contextlib.suppress(OSError):
+                os.replace(tmp / name, r / f"failed-build.{name}")
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, QemuError):
+            e.hint = f"the failed boot's console: {r / 'failed-build.console.log'}"
         raise
     if note:
         note(f"warm: image built in {time.monotonic() - t0:.1f} s ({size >> 20} MiB)")
@@ -290,7 +301,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], console: BinaryIO) -> None:
             raise QemuError(
                 f"warm build: QEMU ended before the guest was ready (last console line: "
                 f"{tail[0]!r})",
-                hint="run the profile cold (without --warm) to see its boot",
             )
         console.write(chunk)
         seen = (seen + chunk)[-4096:]
@@ -367,6 +377,9 @@ def clean(everything: bool = False) -> list[str]:
     if not r.is_dir():
         return gone
     for d in r.iterdir():
+        if d.name.endswith(".lock") and not held_by_other(d):
+            d.unlink(missing_ok=True)  # a build's that died
+            continue
         if d.name.startswith((".build-", ".gone-")):
             key = d.name.split("-")[1] if d.name.startswith(".build-") else ""
             if key and held_by_other(r / f"{key}.lock"):
@@ -377,7 +390,8 @@ def clean(everything: bool = False) -> list[str]:
         for m in images():
             remove(str(m["key"]))
             gone.append(str(m["key"]))
-        (r / HASHES).unlink(missing_ok=True)
+        for f in [r / HASHES, *r.glob("failed-build.*")]:
+            f.unlink(missing_ok=True)
     else:
         gone += evict()
     return gone
