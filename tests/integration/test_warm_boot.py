@@ -111,7 +111,6 @@ def test_changed_argv_or_kernel_makes_a_new_image(
     assert r.returncode == 0 and "building" in r.stderr, r.stderr
     r = _run(qlaunch_bin, *base, "--", "echo", "same inputs")
     assert r.returncode == 0 and "building" not in r.stderr, r.stderr
-    # (run drops the last newline of a command's output, warm or cold alike)
     assert r.stdout.strip() == "same inputs"
     assert len(_images(qlaunch_bin)) == 1
     # Another argv (more memory): another image.
