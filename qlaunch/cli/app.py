@@ -69,6 +69,7 @@ examples:
 # Subcommands that take a command for the guest after `--`.
 GUEST_CMD_PROGS = {
     "qlaunch run": "qlaunch run PROFILE",
+    "qlaunch cmdline": "qlaunch cmdline PROFILE",
     "qlaunch start": "qlaunch start PROFILE",
     "qlaunch exec": "qlaunch exec",
     "qlaunch ssh": "qlaunch ssh NAME",
@@ -76,6 +77,17 @@ GUEST_CMD_PROGS = {
 
 
 GUEST_CMD_WORDS = {p.split()[1] for p in GUEST_CMD_PROGS}
+
+
+def split_guest_cmd(args_list: list[str]) -> tuple[list[str], list[str] | None]:
+    """qlaunch's own arguments, and the guest's command. For run, start, exec, ssh and
+    cmdline (which shows what run, start or exec would run) everything after `--` is the
+    guest's command, never qlaunch's options. For every other command `--` means what it
+    means to any Unix tool, the end of the options: `qlaunch stop -- -x` stops a VM named -x."""
+    end = args_list.index("--") if "--" in args_list else len(args_list)
+    if command_word(args_list[:end]) in GUEST_CMD_WORDS:
+        return args_list[:end], args_list[end + 1 :]
+    return args_list, None
 
 
 def command_word(args: Sequence[str]) -> str | None:
@@ -145,14 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QlaunchError as e:
         output.error(e.message, e.hint)
         return e.exit_code
+    args_list, guest_cmd = split_guest_cmd(args_list)
     end = args_list.index("--") if "--" in args_list else len(args_list)
-    # For run, start and exec everything after `--` is the guest's command, never qlaunch's
-    # options. For every other command `--` means what it means to any Unix tool, the end of
-    # the options: `qlaunch stop -- -x` stops a VM named -x.
-    guest_cmd: list[str] | None = None
-    if command_word(args_list[:end]) in GUEST_CMD_WORDS:
-        args_list, guest_cmd = args_list[:end], args_list[end + 1 :]
-        end = len(args_list)
     # Error messages say "run again with --debug": it works after the subcommand too.
     debug = "--debug" in args_list[:end]
     args_list = [a for a in args_list[:end] if a != "--debug"] + args_list[end:]

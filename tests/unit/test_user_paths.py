@@ -78,10 +78,12 @@ def _help_examples() -> Iterator[str]:
 
 
 def _parse(argv: list[str]) -> object:
-    guest_at = argv.index("--") if "--" in argv else len(argv)
+    # The guest's command split off as qlaunch itself does it: only for the commands that take
+    # one (a README line that gives one to another command must fail here).
+    own, _ = cli.split_guest_cmd(argv)
     parser = cli.build_parser()
     try:
-        return parser.parse_args(argv[:guest_at])
+        return parser.parse_args(own)
     except SystemExit:
         raise AssertionError(f"`qlaunch {shlex.join(argv)}` does not parse") from None
 
@@ -225,3 +227,14 @@ def test_attach_disk_names_a_missing_file(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert e.value.message == f"{missing} does not exist"
     assert e.value.hint == f"create it first: qlaunch image create {missing} 1G"
     assert not missing.exists()
+
+
+def test_cmdline_shows_the_plan_of_a_run_with_a_command() -> None:
+    # run -- CMD plans no hotplug ports (nothing plugs into a command's run), so cmdline must
+    # take the command to show what that run runs.
+    bare = cli_run("cmdline", "default")
+    with_cmd = cli_run("cmdline", "default", "--", "true")
+    assert bare.returncode == 0 and with_cmd.returncode == 0, (bare.stderr, with_cmd.stderr)
+    assert "qlaunch-hp0" in bare.stdout and "qlaunch-hp0" not in with_cmd.stdout
+    exec_plan = cli_run("cmdline", "default", "--for", "exec", "--", "uname", "-r")
+    assert exec_plan.returncode == 0 and "qlaunch.exec=" in exec_plan.stdout, exec_plan.stderr
