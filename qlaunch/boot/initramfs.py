@@ -102,8 +102,8 @@ _SERVES = {
     },
     "net": {"virtio_net", "af_packet", "smsc911x"},
     "share": {"9p", "9pnet_virtio", "netfs", "virtiofs"},
-    # Always loaded: what carries the power button (a background VM's stop).
-    "always": {"evdev", "button", "gpio_keys"},
+    # What carries the power button (a background VM's stop).
+    "button": {"evdev", "button", "gpio_keys"},
 }
 # The virtio transports' drivers serve the disks, NICs and shares above; with none of them the
 # board's only virtio device is the RNG, which a command's guest does without. Three insmods
@@ -112,7 +112,7 @@ _TRANSPORTS = {"virtio_pci", "virtio_mmio"}
 
 
 def command_modules(
-    arch: str, *, disks: bool, nets: bool, shares: bool
+    arch: str, *, disks: bool, nets: bool, shares: bool, button: bool = True
 ) -> tuple[list[str], list[str]]:
     """(modules to load, modules to pack only) of DEFAULT_MODULES[arch], for a guest that runs
     one command on a board with these devices.
@@ -121,8 +121,10 @@ def command_modules(
     its board does not have, and carrying them (23 on aarch64, 1.4 MB of gzip) cost 6 to 9% of
     a `run -- true`'s CPU under TCG, for the kernel's inflating and unpacking them. A module a
     command wants goes in the profile's [boot] modules (loaded at boot, or `exec --module`).
+    button=False (a foreground run, which nothing powers down: it ends with its command):
+    not even the power button's.
     """
-    wanted = set(_SERVES["always"])
+    wanted = set(_SERVES["button"]) if button else set()
     for kind, has in (("disk", disks), ("net", nets), ("share", shares)):
         if has:
             wanted |= _SERVES[kind] | _TRANSPORTS

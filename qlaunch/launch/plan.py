@@ -173,7 +173,7 @@ def wire(
         # for every restore to set up.
         base = replace(
             base,
-            append_extra=(*nic_append, *exec_append, warmmod.KERNEL_ARG),
+            append_extra=(*nic_append, *exec_append, warmmod.KERNEL_ARG, protocol.NO_BUTTON),
             hotplug_ports=False,
         )
         if entry == "warm-build":

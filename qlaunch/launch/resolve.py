@@ -58,11 +58,17 @@ def refs(profile: Profile, cache: Path) -> BootFiles:
 
 
 def boot_files(
-    profile: Profile, cmd: list[str] | None, workdir: Path, *, warm: bool = False
+    profile: Profile,
+    cmd: list[str] | None,
+    workdir: Path,
+    *,
+    warm: bool = False,
+    button: bool = True,
 ) -> BootFiles:
     """Real boot files for a launch: checks they exist and builds the qlaunch initramfs.
     warm (run --warm): the initramfs of a command run, with the crng reseed helper and
-    without the command (a restored guest is sent it)."""
+    without the command (a restored guest is sent it). button=False: a command's guest that
+    nothing powers down (a foreground run) gets no power-button drivers."""
     from qlaunch.boot import kernelcheck
     from qlaunch.storage import sdcard
 
@@ -83,12 +89,13 @@ def boot_files(
         defaults = initramfs.DEFAULT_MODULES.get(aset.arch, [])
         pack: list[str] = []
         if cmd:
-            # A command's guest loads what its devices need; the rest waits for modprobe.
+            # A command's guest gets only what its devices need (more: [boot] modules).
             defaults, pack = initramfs.command_modules(
                 aset.arch,
                 disks=bool(profile.disks),
                 nets=bool(profile.nets),
                 shares=bool(profile.shares),
+                button=button,
             )
         modules = boards.guest_modules(profile.board, defaults) + list(profile.boot.modules)
         pack = boards.guest_modules(profile.board, pack)

@@ -143,7 +143,7 @@ def plan_run(
 ) -> plan.LaunchPlan:
     """The checks and files of a foreground run, and its plan. make=False (cmdline) checks
     the disks without creating any."""
-    files = resolve.boot_files(profile, cmd, workdir)
+    files = resolve.boot_files(profile, cmd, workdir, button=False)
     rt = plan.wire(
         "run",
         profile.name,
@@ -159,7 +159,8 @@ def plan_run(
         # A command's run ends by itself and nothing plugs devices into it (hotplug is for
         # background VMs, through QMP): no empty hotplug ports, whose PCIe port services cost
         # the guest 6% of a q35 `run -- true`'s CPU under TCG (four ports).
-        rt = replace(rt, hotplug_ports=False)
+        # Nor a power button: nothing powers it down.
+        rt = replace(rt, hotplug_ports=False, append_extra=(*rt.append_extra, protocol.NO_BUTTON))
     launch = plan.build(profile, host, "run", rt)
     if make:
         extras.make_files(profile, host, rt)
@@ -179,7 +180,7 @@ def plan_warm(
     """The plan of a warm image's build (entry warm-build) or of a run restored from one
     (warm-run): the machine of a command run, with the base initramfs (the command is sent
     to the restored guest) and nothing of one run in the argv but the image's fd."""
-    files = resolve.boot_files(profile, cmd, workdir, warm=True)
+    files = resolve.boot_files(profile, cmd, workdir, warm=True, button=False)
     rt = plan.wire(
         entry,
         profile.name,
