@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/qlaunch run default -- sh -c 'uname -a; echo; cat /proc/cpuinfo | grep -m1 "model name"; free -m; echo; ls /sys/bus/virtio/devices'
+	$(BIN)/qlaunch run default -- sh -c 'uname -a; echo; cat /proc/cpuinfo | grep -m1 "model name"; free -m; echo; cat /proc/cmdline'
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check qlaunch tests bench

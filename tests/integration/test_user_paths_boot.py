@@ -141,3 +141,19 @@ def test_modules_for_another_kernel_are_named(tmp_path: Path) -> None:
         f"--modules {tmp_path / 'mods'} holds modules for 0.0-other, but the kernel is {release}: "
         "they will not load (make modules_install for this kernel?)"
     ) in plan.notes
+
+
+def test_make_demo_runs_its_guest_command() -> None:
+    # README's first command: `make demo` runs this line (the guest's command from the
+    # Makefile, with the venv's qlaunch); a command that fails in the guest fails the demo.
+    import re
+    import shlex
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    line = re.search(r"^demo:.*\n\t(.+)$", makefile, re.M)
+    assert line, "the Makefile has a demo target with one command"
+    argv = shlex.split(line.group(1))
+    assert argv[0] == "$(BIN)/qlaunch"
+    r = subprocess.run([*QLAUNCH, *argv[1:]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.startswith("Linux qlaunch ") and "model name" in r.stdout, r.stdout
