@@ -17,9 +17,9 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from qlaunch.boot import protocol
 from qlaunch.config.profile import Profile
@@ -143,24 +143,9 @@ def plan_run(
 ) -> plan.LaunchPlan:
     """The checks and files of a foreground run, and its plan. make=False (cmdline) checks
     the disks without creating any."""
-    files = resolve.boot_files(profile, cmd, workdir, button=False)
-    rt = plan.wire(
-        "run",
-        profile.name,
-        workdir=str(workdir),
-        kernel=files.kernel,
-        initrd=files.initrd,
-        dtb=files.dtb,
-        disk_paths=_disk_paths(profile, workdir, make),
-        taps=taps,
-        nic_append=nic_append,
+    rt = _wire(
+        "run", profile, cmd, workdir, make, taps=taps, nic_append=nic_append, command=bool(cmd)
     )
-    if cmd:
-        # A command's run ends by itself and nothing plugs devices into it (hotplug is for
-        # background VMs, through QMP): no empty hotplug ports, whose PCIe port services cost
-        # the guest 6% of a q35 `run -- true`'s CPU under TCG (four ports).
-        # Nor a power button: nothing powers it down.
-        rt = replace(rt, hotplug_ports=False, append_extra=(*rt.append_extra, protocol.NO_BUTTON))
     launch = plan.build(profile, host, "run", rt)
     if make:
         extras.make_files(profile, host, rt)
@@ -180,8 +165,22 @@ def plan_warm(
     """The plan of a warm image's build (entry warm-build) or of a run restored from one
     (warm-run): the machine of a command run, with the base initramfs (the command is sent
     to the restored guest) and nothing of one run in the argv but the image's fd."""
-    files = resolve.boot_files(profile, cmd, workdir, warm=True, button=False)
-    rt = plan.wire(
+    rt = _wire(entry, profile, cmd, workdir, make, incoming_fd=incoming_fd)
+    return plan.build(profile, host, entry, rt)
+
+
+def _wire(
+    entry: str,
+    profile: Profile,
+    cmd: list[str] | None,
+    workdir: Path,
+    make: bool,
+    **kw: Any,
+) -> argvmod.Runtime:
+    """A foreground entry's boot files (no power button: nothing presses it) and Runtime."""
+    warm = entry in plan.WARM
+    files = resolve.boot_files(profile, cmd, workdir, warm=warm, button=False)
+    return plan.wire(
         entry,
         profile.name,
         workdir=str(workdir),
@@ -189,9 +188,8 @@ def plan_warm(
         initrd=files.initrd,
         dtb=files.dtb,
         disk_paths=_disk_paths(profile, workdir, make),
-        incoming_fd=incoming_fd,
+        **kw,
     )
-    return plan.build(profile, host, entry, rt)
 
 
 def _disk_paths(profile: Profile, workdir: Path, make: bool) -> tuple[str, ...]:
