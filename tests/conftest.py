@@ -1,11 +1,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# A suite started in the background by a non-interactive shell (`make test &`, a CI runner's
+# script) inherits SIGINT ignored, and so would every qlaunch the tests start: their Ctrl-C
+# tests would send a signal nobody hears. A handled signal goes back to its default in a
+# child at exec, an ignored one stays ignored.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 
